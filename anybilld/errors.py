@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import TypedDict, Unpack
 
 
 class AnybilldError(Exception):
@@ -60,10 +61,17 @@ class BlockReason(StrEnum):
     SCOPE = "scope"  # scope not allowed: blocks only that token set
     CLIENT = "client"  # unknown / disabled client: blocks token sets of that client
     CLIENT_BUG = "client_bug"  # a request the IdP calls malformed: blocks that token set
+    UNKNOWN = "unknown"  # an AADB2C code anybilld does not know, on a password login
 
     @property
     def whole_merchant(self) -> bool:
         return self in (BlockReason.CREDENTIALS, BlockReason.LOCKED)
+
+
+class ErrorContext(TypedDict, total=False):
+    code: str | None
+    correlation_id: str | None
+    status: int | None
 
 
 class IdentityError(AnybilldError):
@@ -106,9 +114,11 @@ class TransientError(IdentityError):
 
     kind = "transient"
 
-    def __init__(self, detail: str, *, retry_after: float | None = None, **kw: object) -> None:
+    def __init__(
+        self, detail: str, *, retry_after: float | None = None, **context: Unpack[ErrorContext]
+    ) -> None:
         self.retry_after = retry_after
-        super().__init__(detail, **kw)  # type: ignore[arg-type]
+        super().__init__(detail, **context)
 
 
 class DeadGrantError(IdentityError):
@@ -122,9 +132,11 @@ class PermanentError(IdentityError):
 
     kind = "permanent"
 
-    def __init__(self, detail: str, *, reason: BlockReason, **kw: object) -> None:
+    def __init__(
+        self, detail: str, *, reason: BlockReason, **context: Unpack[ErrorContext]
+    ) -> None:
         self.reason = reason
-        super().__init__(detail, **kw)  # type: ignore[arg-type]
+        super().__init__(detail, **context)
 
 
 class OutputError(AnybilldError):

@@ -55,10 +55,40 @@ class AbortConnection(Exception):
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-async def serve(handler: Handler, host: str, port: int) -> asyncio.Server:
-    """Start serving ``handler`` on host:port (port 0 picks a free one); return the server."""
+class Server:
+    """A running server; ``close()`` also drops open keep-alive connections."""
+
+    def __init__(self) -> None:
+        self.server: asyncio.Server | None = None
+        self.writers: set[asyncio.StreamWriter] = set()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        assert self.server is not None
+        host, port = self.server.sockets[0].getsockname()[:2]
+        return str(host), int(port)
+
+    async def close(self) -> None:
+        if self.server is None:
+            return
+        self.server.close()
+        for w in list(self.writers):
+            w.transport.abort()
+        await self.server.wait_closed()
+
+
+async def serve(handler: Handler, host: str, port: int) -> Server:
+    """Start serving ``handler`` on host:port (port 0 picks a free one)."""
+    srv = Server()
 
     async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        srv.writers.add(writer)
+        try:
+            await _guarded(reader, writer)
+        finally:
+            srv.writers.discard(writer)
+
+    async def _guarded(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             await _serve_connection(handler, reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
@@ -71,7 +101,8 @@ async def serve(handler: Handler, host: str, port: int) -> asyncio.Server:
         with contextlib.suppress(Exception):
             writer.close()
 
-    return await asyncio.start_server(on_connection, host, port, limit=MAX_HEADER_BYTES)
+    srv.server = await asyncio.start_server(on_connection, host, port, limit=MAX_HEADER_BYTES)
+    return srv
 
 
 async def _serve_connection(

@@ -1,0 +1,506 @@
+"""One token set's life: obtain a token, publish it, refresh it before it expires.
+
+A ``Keeper`` is one asyncio task per (merchant, scope). It is the only place that decides
+what a failure means, and it decides in one place (``_renew``):
+
+- transient (outage, throttling, garbage): tenacity retries with full-jitter backoff,
+  ``Retry-After`` winning when longer; the refresh token is kept, no password is sent;
+- dead grant: exactly one password login, at once, inside the same attempt;
+- permanent: the token set is blocked until ``blocked_retry`` has passed or its identity
+  (username, secret, client, URL, policy, scope) changes.
+
+The token sets of one merchant share an ``Account``: their password logins run one at a
+time, and a credential failure blocks the password logins of all of them, so a merchant
+with five scopes never spends five of its ten lockout attempts in one second.
+
+Keepers never raise out of their task: every failure ends in a state the metrics, /status
+and the log show. The published files are only ever replaced by a newer valid token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_never
+from tenacity.stop import stop_after_attempt, stop_base
+
+from .clock import Clock
+from .config import TokenSetSpec
+from .errors import (
+    BlockReason,
+    DeadGrantError,
+    IdentityError,
+    OutputError,
+    PermanentError,
+    TransientError,
+)
+from .files import OutputResult, PublishedToken, rfc3339, write_outputs
+from .identity import Grant, GrantType, TokenRequest, password_request, refresh_request
+from .policy import (
+    DEFAULT_REFRESH_TOKEN_LIFETIME,
+    Uniform,
+    refresh_delay,
+    wait_full_jitter,
+    wait_retry_after,
+)
+from .secret import Secret
+from .state import StateStore, StoredGrant
+
+log = logging.getLogger("anybilld.keeper")
+
+T = TypeVar("T")
+
+# Attempts of a --once run before a transient failure counts as a failure of the run.
+ONCE_ATTEMPTS = 3
+
+
+class TokenState(StrEnum):
+    PENDING = "pending"  # no token yet
+    OK = "ok"  # a valid token, nothing failing
+    RETRYING = "retrying"  # the last attempt failed transiently; may still hold a token
+    BLOCKED = "blocked"  # a permanent failure; waiting for blocked_retry or a config change
+
+
+class TokenClient(Protocol):
+    async def request(self, req: TokenRequest, *, timeout: float) -> Grant: ...
+
+
+@dataclass(kw_only=True)
+class Runtime:
+    """What every keeper shares: the client, the disk, the clock, the randomness."""
+
+    client: TokenClient
+    store: StateStore
+    clock: Clock
+    output_root: Path
+    uniform: Uniform = random.uniform
+    # Blocking file I/O leaves the loop through this (a thread by default).
+    run_io: Callable[..., Awaitable[Any]] = asyncio.to_thread
+    on_file_write: Callable[[bool], None] = lambda ok: None
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Block:
+    error: PermanentError
+    until: float  # monotonic
+    credentials: tuple[str, str]  # whose credentials were refused
+
+
+def _credentials(spec: TokenSetSpec) -> tuple[str, str]:
+    return (spec.grant_fingerprint(), spec.password.fingerprint())
+
+
+@dataclass(kw_only=True)
+class Account:
+    """A merchant's service account, shared by its token sets."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    block: _Block | None = None
+
+    def blocked(self, spec: TokenSetSpec, now: float) -> _Block | None:
+        """The block that stops a password login with ``spec``'s credentials, if any.
+
+        A block is tied to the credentials it was earned with: a new password or username
+        lifts it at once.
+        """
+        b = self.block
+        if b is None or b.until <= now or b.credentials != _credentials(spec):
+            return None
+        return b
+
+
+def _copy_error(exc: PermanentError) -> PermanentError:
+    """A fresh exception with the same facts, so tasks never share one traceback."""
+    return PermanentError(
+        exc.detail,
+        reason=exc.reason,
+        code=exc.code,
+        correlation_id=exc.correlation_id,
+        status=exc.status,
+    )
+
+
+class Keeper:
+    """Keeps one token set's token fresh; its public attributes are its live state."""
+
+    def __init__(self, spec: TokenSetSpec, account: Account, rt: Runtime) -> None:
+        self.spec = spec
+        self.account = account
+        self.rt = rt
+        # Live state, read at scrape time by metrics and /status. Times are wall clock.
+        self.state = TokenState.PENDING
+        self.access_expires_at: float | None = None
+        self.refresh_expires_at: float | None = None
+        self.last_success_at: float | None = None
+        self.consecutive_failures = 0
+        self.last_error: IdentityError | None = None
+        self.block: _Block | None = None
+        self.output_error: str | None = None
+        self.done = asyncio.Event()  # set once the first attempt has a definite outcome
+
+        self._access: Secret | None = None
+        self._refresh: Secret | None = None
+        self._first_sign_in: float | None = None
+        self._obtained_wall: float | None = None
+        self._obtained_mono: float | None = None
+        self._lifetime: float | None = None
+        self._due = rt.clock.monotonic()  # next grant attempt, monotonic
+        self._republish_at: float | None = None  # next retry of a failed file write
+        self._write_failures = 0
+        self._wake = asyncio.Event()  # something changed: recompute what is due
+        self._restart = asyncio.Event()  # identity changed or block lifted: act now
+        self._task: asyncio.Task[None] | None = None
+
+    # ----------------------------------------------------------------- lifecycle
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.spec.key
+
+    def start(self, *, once: bool = False) -> None:
+        name = f"keeper {self.spec.merchant}/{self.spec.scope.name}"
+        self._task = asyncio.create_task(self.run(once=once), name=name)
+
+    async def stop(self) -> None:
+        """Cancel the task; a token being saved and published finishes first (shielded)."""
+        if self._task is None:
+            return
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+    async def wait(self) -> None:
+        if self._task is not None:
+            await self._task
+
+    def update(self, spec: TokenSetSpec) -> None:
+        """Take a new spec from a reload; only what changed is acted upon.
+
+        A new identity means a new login (the running token stays published until the new
+        one arrives); new outputs are written at once; new timing reschedules.
+        """
+        old, self.spec = self.spec, spec
+        if old.login_fingerprint() != spec.login_fingerprint():
+            self._refresh = None
+            self.block = None
+            self._due = self.rt.clock.monotonic()
+            self._restart.set()
+        elif old.outputs != spec.outputs and self._access is not None:
+            self._republish_at = self.rt.clock.monotonic()
+        elif (
+            old.refresh != spec.refresh
+            and self.state == TokenState.OK
+            and self._lifetime is not None
+            and self._obtained_mono is not None
+        ):
+            self._due = self._obtained_mono + self._delay(self._lifetime)
+        self._wake.set()
+
+    # ----------------------------------------------------------------- the loop
+
+    async def run(self, *, once: bool = False) -> None:
+        try:
+            await self._restore()
+            while True:
+                self._wake.clear()
+                now = self.rt.clock.monotonic()
+                if self._republish_at is not None and self._republish_at <= now:
+                    await self._publish_current()
+                if self._due <= now:
+                    await self._renew(stop=stop_after_attempt(ONCE_ATTEMPTS) if once else None)
+                    self.done.set()
+                    if once:
+                        return
+                    continue
+                self.done.set()
+                if once:
+                    return
+                wake_at = min(self._due, self._republish_at or math.inf)
+                await self._sleep(wake_at - now, self._wake, self._restart)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bug; the process keeps serving the other token sets
+            self._log(logging.CRITICAL, "keeper crashed; this token set is no longer kept")
+            log.exception("keeper crash details")
+            self.done.set()
+
+    async def _sleep(self, delay: float, *events: asyncio.Event) -> None:
+        """Sleep on the injected clock, returning early when any of ``events`` is set."""
+        if delay <= 0 or any(e.is_set() for e in events):
+            return
+        tasks: list[asyncio.Future[Any]] = [asyncio.ensure_future(self.rt.clock.sleep(delay))]
+        tasks += [asyncio.ensure_future(e.wait()) for e in events]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    async def _backoff_sleep(self, delay: float) -> None:
+        # Only an identity change or a lifted block cuts a backoff short.
+        await self._sleep(delay, self._restart)
+
+    # ----------------------------------------------------------------- start-up
+
+    async def _restore(self) -> None:
+        """Reuse a stored grant of the same identity: a restart needs no password."""
+        spec = self.spec
+        stored: StoredGrant | None = await self.rt.run_io(
+            self.rt.store.load, spec.merchant, spec.scope.name
+        )
+        if stored is None:
+            return
+        if stored.fingerprint != spec.grant_fingerprint():
+            self._log(logging.INFO, "stored grant was issued to another identity; not reused")
+            return
+        now_wall, now_mono = self.rt.clock.time(), self.rt.clock.monotonic()
+        self._first_sign_in = stored.first_sign_in_at
+        if stored.refresh_token is not None and (
+            stored.refresh_token_expires_at is None or stored.refresh_token_expires_at > now_wall
+        ):
+            self._refresh = stored.refresh_token
+            self.refresh_expires_at = stored.refresh_token_expires_at
+        expires = stored.access_token_expires_at
+        if stored.access_token is None or expires is None or expires <= now_wall:
+            return
+        self._access = stored.access_token
+        self.access_expires_at = expires
+        self.last_success_at = stored.obtained_at
+        self._obtained_wall = stored.obtained_at
+        self._lifetime = max(1.0, expires - stored.obtained_at)
+        # Wall clock is the only bridge across a restart; from here on, monotonic.
+        self._obtained_mono = now_mono - (now_wall - stored.obtained_at)
+        self._due = self._obtained_mono + self._delay(self._lifetime)
+        self.state = TokenState.OK
+        self._log(logging.INFO, "reusing stored token", expires_at=_iso(expires))
+        await self._publish_current()
+
+    # ----------------------------------------------------------------- obtaining
+
+    async def _renew(self, *, stop: stop_base | None) -> None:
+        """One renewal, retried through transient failures; the single failure path."""
+        r = self.spec.refresh
+        retrying = AsyncRetrying(
+            sleep=self._backoff_sleep,
+            wait=wait_retry_after(wait_full_jitter(r.retry_initial, r.retry_max, self.rt.uniform)),
+            retry=retry_if_exception_type(TransientError),
+            stop=stop or stop_never,
+            before_sleep=self._on_transient,
+            reraise=True,
+        )
+        try:
+            await retrying(self._obtain)
+        except TransientError as exc:  # only with a stop: a --once run gave up
+            self._fail(exc, TokenState.RETRYING)
+        except PermanentError as exc:
+            self._on_permanent(exc)
+
+    async def _obtain(self) -> None:
+        spec = self.spec  # read anew on every attempt: a reload may have replaced it
+        self._restart.clear()
+        if self._refresh is not None and not self._refresh_expired():
+            try:
+                grant = await self.rt.client.request(
+                    refresh_request(spec, self._refresh), timeout=spec.timeout
+                )
+            except DeadGrantError as exc:
+                self._fail(exc, None, "refresh grant is dead; logging in with the password once")
+                self._refresh = None
+            else:
+                await self._accept(grant, spec, "refresh")
+                return
+        grant = await self._password_login(spec)
+        await self._accept(grant, spec, "password")
+
+    def _refresh_expired(self) -> bool:
+        exp = self.refresh_expires_at
+        return exp is not None and exp <= self.rt.clock.time()
+
+    async def _password_login(self, spec: TokenSetSpec) -> Grant:
+        async with self.account.lock:
+            now = self.rt.clock.monotonic()
+            block = self.account.blocked(spec, now)
+            if block is not None:
+                raise _copy_error(block.error)
+            try:
+                return await self.rt.client.request(password_request(spec), timeout=spec.timeout)
+            except PermanentError as exc:
+                if exc.reason.whole_merchant:
+                    self.account.block = _Block(
+                        error=exc,
+                        until=now + spec.refresh.blocked_retry,
+                        credentials=_credentials(spec),
+                    )
+                raise
+
+    async def _accept(self, grant: Grant, spec: TokenSetSpec, via: GrantType) -> None:
+        if spec.login_fingerprint() != self.spec.login_fingerprint():
+            # A reload changed the identity while this request was in flight: the answer
+            # belongs to the old identity. The loop logs in anew at once.
+            self._due = self.rt.clock.monotonic()
+            return
+        now_wall, now_mono = self.rt.clock.time(), self.rt.clock.monotonic()
+        if via == "password":
+            self._first_sign_in = now_wall
+            self._refresh = None
+            self.refresh_expires_at = None
+        if grant.refresh_token is not None:
+            self._refresh = grant.refresh_token
+            lifetime = grant.refresh_token_expires_in or DEFAULT_REFRESH_TOKEN_LIFETIME
+            self.refresh_expires_at = now_wall + lifetime
+        self._access = grant.access_token
+        self._lifetime = grant.expires_in
+        self._obtained_wall, self._obtained_mono = now_wall, now_mono
+        self.access_expires_at = now_wall + grant.expires_in
+        self.last_success_at = now_wall
+        self._due = now_mono + self._delay(grant.expires_in)
+        self.state = TokenState.OK
+        self.consecutive_failures = 0
+        self.last_error = None
+        self.block = None
+        self._log(
+            logging.INFO,
+            "token obtained",
+            grant=via,
+            expires_at=_iso(self.access_expires_at),
+            next_refresh_in=f"{self._due - now_mono:.0f}s",
+        )
+        # Saving and publishing finish even if shutdown cancels the task meanwhile: the new
+        # refresh token may already have replaced the old one at the IdP.
+        await asyncio.shield(self._persist_and_publish())
+
+    def _delay(self, lifetime: float) -> float:
+        r = self.spec.refresh
+        return refresh_delay(lifetime, at=r.at, jitter=r.jitter, uniform=self.rt.uniform)
+
+    # ----------------------------------------------------------------- failures
+
+    def _on_transient(self, rs: RetryCallState) -> None:
+        exc = rs.outcome.exception() if rs.outcome is not None else None
+        assert isinstance(exc, TransientError)
+        delay = rs.next_action.sleep if rs.next_action is not None else 0.0
+        self._due = self.rt.clock.monotonic() + delay
+        self._fail(exc, TokenState.RETRYING, f"will retry in {delay:.1f}s")
+
+    def _on_permanent(self, exc: PermanentError) -> None:
+        account_block = self.account.blocked(self.spec, self.rt.clock.monotonic())
+        if exc.reason.whole_merchant and account_block is not None:
+            until = account_block.until
+        else:
+            until = self.rt.clock.monotonic() + self.spec.refresh.blocked_retry
+        self.block = _Block(error=exc, until=until, credentials=_credentials(self.spec))
+        self._due = until
+        wait = until - self.rt.clock.monotonic()
+        self._fail(
+            exc,
+            TokenState.BLOCKED,
+            f"blocked ({exc.reason.value}): no new attempt for {wait:.0f}s "
+            "or until the config or secret changes",
+        )
+
+    def _fail(self, exc: IdentityError, state: TokenState | None, what: str = "") -> None:
+        """The one failure path: count, keep for /status, log with code and correlation id."""
+        self.consecutive_failures += 1
+        self.last_error = exc
+        if state is not None:
+            self.state = state
+        level = logging.ERROR if isinstance(exc, PermanentError) else logging.WARNING
+        self._log(
+            level,
+            f"{exc.kind} failure: {exc.detail}" + (f"; {what}" if what else ""),
+            code=exc.code,
+            correlation_id=exc.correlation_id,
+            http=exc.status,
+            failures=self.consecutive_failures,
+        )
+
+    # ----------------------------------------------------------------- files
+
+    async def _persist_and_publish(self) -> None:
+        spec = self.spec
+        stored = StoredGrant(
+            fingerprint=spec.grant_fingerprint(),
+            refresh_token=self._refresh,
+            refresh_token_expires_at=self.refresh_expires_at,
+            first_sign_in_at=self._first_sign_in or self.last_success_at or 0.0,
+            access_token=self._access,
+            access_token_expires_at=self.access_expires_at,
+            obtained_at=self._obtained_wall or 0.0,
+        )
+        try:
+            await self.rt.run_io(self.rt.store.save, spec.merchant, spec.scope.name, stored)
+        except OutputError as exc:
+            # The token is still good and published below; only a restart would need the
+            # password again.
+            self._log(logging.ERROR, f"could not save state: {exc}")
+        await self._publish_current()
+
+    async def _publish_current(self) -> None:
+        if self._access is None or self.access_expires_at is None:
+            self._republish_at = None
+            return
+        spec = self.spec
+        token = PublishedToken(
+            access_token=self._access,
+            expires_at=self.access_expires_at,
+            obtained_at=self._obtained_wall or self.rt.clock.time(),
+            merchant=spec.merchant,
+            scope=spec.scope.name,
+        )
+        results: list[OutputResult] = await self.rt.run_io(
+            write_outputs, spec.outputs, token, root=self.rt.output_root
+        )
+        errors = []
+        for res in results:
+            self.rt.on_file_write(res.ok)
+            if res.error is not None:
+                errors.append(str(res.error))
+                self._log(logging.ERROR, f"could not publish token: {res.error}")
+        if not errors:
+            self.output_error = None
+            self._write_failures = 0
+            self._republish_at = None
+            return
+        self.output_error = "; ".join(errors)
+        self._write_failures += 1
+        r = spec.refresh
+        window = wait_full_jitter(r.retry_initial, r.retry_max).window(self._write_failures)
+        self._republish_at = self.rt.clock.monotonic() + window
+
+    # ----------------------------------------------------------------- views
+
+    @property
+    def has_valid_token(self) -> bool:
+        exp = self.access_expires_at
+        return exp is not None and exp > self.rt.clock.time()
+
+    @property
+    def next_attempt_at(self) -> float:
+        """Wall-clock time of the next grant attempt."""
+        return self.rt.clock.time() + max(0.0, self._due - self.rt.clock.monotonic())
+
+    @property
+    def block_reason(self) -> BlockReason | None:
+        return self.block.error.reason if self.block is not None else None
+
+    def _log(self, level: int, msg: str, **fields: object) -> None:
+        log.log(
+            level,
+            msg,
+            extra={
+                "merchant": self.spec.merchant,
+                "scope": self.spec.scope.name,
+                "fields": {k: v for k, v in fields.items() if v is not None},
+            },
+        )
+
+
+def _iso(ts: float | None) -> str | None:
+    return rfc3339(ts) if ts is not None else None

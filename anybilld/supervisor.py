@@ -1,0 +1,142 @@
+"""The set of keepers: start them from a config, apply config differences, stop them.
+
+``diff(old, new)`` is pure: it compares token-set specs and says which token sets were
+added, removed, changed or left alone. ``Supervisor.apply`` carries a diff out: unchanged
+keepers are not touched at all, changed ones get their new spec (the keeper decides whether
+that means a new login, a file rewrite or a new schedule), removed ones are stopped and
+their files and state removed per ``on_remove``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import Config, OnRemove, TokenSetSpec
+from .files import remove_output
+from .keeper import Account, Keeper, Runtime, TokenState
+
+log = logging.getLogger("anybilld.supervisor")
+
+Key = tuple[str, str]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Diff:
+    added: tuple[TokenSetSpec, ...]
+    changed: tuple[TokenSetSpec, ...]  # the new specs
+    removed: tuple[Key, ...]
+    unchanged: int
+
+    def summary(self) -> str:
+        return (
+            f"added={len(self.added)} changed={len(self.changed)} "
+            f"removed={len(self.removed)} unchanged={self.unchanged}"
+        )
+
+
+def diff(old: Mapping[Key, TokenSetSpec], new: Sequence[TokenSetSpec]) -> Diff:
+    """What it takes to go from the running token sets ``old`` to the config's ``new``."""
+    added, changed = [], []
+    unchanged = 0
+    new_keys = set()
+    for spec in new:
+        new_keys.add(spec.key)
+        current = old.get(spec.key)
+        if current is None:
+            added.append(spec)
+        elif current != spec:
+            changed.append(spec)
+        else:
+            unchanged += 1
+    removed = tuple(k for k in old if k not in new_keys)
+    return Diff(added=tuple(added), changed=tuple(changed), removed=removed, unchanged=unchanged)
+
+
+class Supervisor:
+    """Owns every keeper and the merchants' shared accounts."""
+
+    def __init__(self, rt: Runtime, *, on_remove: OnRemove = "delete") -> None:
+        self.rt = rt
+        self.on_remove: OnRemove = on_remove
+        self.keepers: dict[Key, Keeper] = {}
+        self._accounts: dict[str, Account] = {}
+        self._once = False
+
+    def __iter__(self) -> Iterator[Keeper]:
+        return iter(list(self.keepers.values()))
+
+    def counts(self) -> Counter[TokenState]:
+        return Counter(k.state for k in self.keepers.values())
+
+    async def apply(self, config: Config, *, once: bool = False) -> Diff:
+        """Make the running keepers match ``config``; returns what changed."""
+        self._once = once
+        self.on_remove = config.on_remove
+        self.rt.output_root = config.output_dir
+        d = diff({k: kp.spec for k, kp in self.keepers.items()}, config.token_sets())
+        for key in d.removed:
+            await self._remove(self.keepers.pop(key))
+        for spec in d.changed:
+            keeper = self.keepers[spec.key]
+            stale = {t.path for t in keeper.spec.outputs} - {t.path for t in spec.outputs}
+            if stale and self.on_remove == "delete":
+                # Outputs a token set no longer has go away like a removed token set's.
+                await self.rt.run_io(self._remove_files, keeper.spec, stale)
+            keeper.update(spec)
+        for spec in d.added:
+            account = self._accounts.setdefault(spec.merchant, Account())
+            keeper = Keeper(spec, account, self.rt)
+            self.keepers[spec.key] = keeper
+            keeper.start(once=once)
+        live_merchants = {m for m, _ in self.keepers}
+        for merchant in list(self._accounts):
+            if merchant not in live_merchants:
+                del self._accounts[merchant]
+        return d
+
+    async def wait_all(self) -> None:
+        """Wait until every keeper's task has ended (a --once run)."""
+        await asyncio.gather(*(k.wait() for k in self.keepers.values()))
+
+    async def stop(self, timeout: float) -> None:
+        """Stop every keeper; a token being saved and published may finish first."""
+        keepers = list(self.keepers.values())
+        if not keepers:
+            return
+        stopping = asyncio.gather(*(k.stop() for k in keepers))
+        try:
+            await asyncio.wait_for(stopping, timeout)
+        except TimeoutError:
+            log.warning("%d token sets did not stop within %.0fs", len(keepers), timeout)
+
+    async def _remove(self, keeper: Keeper) -> None:
+        await keeper.stop()
+        spec = keeper.spec
+        if self.on_remove == "keep":
+            log.info("token set removed; files and state kept", extra=_fields(spec))
+            return
+        await self.rt.run_io(self._delete_files, spec, [t.path for t in spec.outputs])
+        log.info("token set removed with its files and state", extra=_fields(spec))
+
+    def _delete_files(self, spec: TokenSetSpec, paths: Iterable[Path]) -> None:
+        self._remove_files(spec, paths)
+        try:
+            self.rt.store.remove(spec.merchant, spec.scope.name)
+        except Exception as exc:  # an undeletable file must not stop a reload
+            log.error("could not remove state: %s", exc, extra=_fields(spec))
+
+    def _remove_files(self, spec: TokenSetSpec, paths: Iterable[Path]) -> None:
+        for path in paths:
+            try:
+                remove_output(path, root=self.rt.output_root)
+            except Exception as exc:
+                log.error("could not remove %s: %s", path, exc, extra=_fields(spec))
+
+
+def _fields(spec: TokenSetSpec) -> dict[str, object]:
+    return {"merchant": spec.merchant, "scope": spec.scope.name}
