@@ -73,12 +73,14 @@ class Daemon:
             config = load_config(self.config_path, environ=self.environ)
         except ConfigError as err:
             log_config_error(err, what=f"cannot start with {self.config_path}")
+            self.started.set()
             return 2
         self.config = config
         try:
             store = self._prepare_directories(config)
         except OSError as exc:
             log.error("cannot prepare directories: %s", exc)
+            self.started.set()
             return 1
 
         registry = CollectorRegistry()

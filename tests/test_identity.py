@@ -1,0 +1,261 @@
+"""The token endpoint's answers, classified: table-driven over (status, headers, body)."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from anybilld.clock import FakeClock, SystemClock
+from anybilld.config import RefreshSettings, Scope, TokenSetSpec
+from anybilld.errors import (
+    BlockReason,
+    DeadGrantError,
+    IdentityError,
+    PermanentError,
+    TransientError,
+)
+from anybilld.identity import (
+    RETRY_AFTER_CAP,
+    IdentityClient,
+    RateLimiter,
+    parse_answer,
+    parse_retry_after,
+    password_request,
+    refresh_request,
+)
+from anybilld.secret import Secret
+
+NOW = 1_800_000_000.0
+
+
+def b2c_error(code: str, error: str = "invalid_grant") -> bytes:
+    return json.dumps(
+        {
+            "error": error,
+            "error_description": f"AADB2C{code}: Something.\r\n"
+            "Correlation ID: 0f7c1d2e-aaaa-bbbb-cccc-123456789abc\r\n"
+            "Timestamp: 2026-01-30 13:35:09Z\r\n",
+        }
+    ).encode()
+
+
+def ok(**fields: object) -> bytes:
+    doc: dict[str, object] = {"access_token": "eyJaccess", "token_type": "Bearer"}
+    doc.update(fields)
+    return json.dumps(doc).encode()
+
+
+@pytest.mark.parametrize(
+    ("body", "expires_in", "refresh", "refresh_expires_in"),
+    [
+        (ok(expires_in="86400", refresh_token="eyJr"), 86400, "eyJr", None),
+        (
+            ok(expires_in=3600, refresh_token="eyJr", refresh_token_expires_in=1209600),
+            3600,
+            "eyJr",
+            1209600,
+        ),
+        (ok(expires_in="300", refresh_token_expires_in="1209600"), 300, None, 1209600),
+        (ok(expires_in=60, not_before=1, expires_on="2", unknown={"x": 1}), 60, None, None),
+    ],
+)
+def test_success_accepts_numbers_as_ints_or_digit_strings(
+    body: bytes, expires_in: float, refresh: str | None, refresh_expires_in: float | None
+) -> None:
+    grant = parse_answer("password", 200, {}, body, now=NOW)
+    assert grant.access_token.reveal() == "eyJaccess"
+    assert grant.expires_in == expires_in
+    assert (grant.refresh_token.reveal() if grant.refresh_token else None) == refresh
+    assert grant.refresh_token_expires_in == refresh_expires_in
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"<html><body>Sorry</body></html>",
+        b"",
+        b'{"access_token": "eyJ',  # truncated
+        b"[]",
+        ok(),  # no expires_in
+        ok(expires_in=True),
+        ok(expires_in=86400.5),
+        ok(expires_in="86400s"),
+        ok(expires_in="-5"),
+        ok(expires_in=0),
+        ok(expires_in="\u0661\u0662"),  # Arabic-Indic digits pass str.isdigit()
+        json.dumps({"token_type": "Bearer", "expires_in": 1}).encode(),
+        json.dumps({"access_token": 5, "expires_in": 1}).encode(),
+        json.dumps({"access_token": "a b", "expires_in": 1}).encode(),
+        ok(expires_in=1, token_type="mac"),
+        ok(expires_in=1, refresh_token=["x"]),
+    ],
+)
+def test_unusable_200_is_transient(body: bytes) -> None:
+    with pytest.raises(TransientError):
+        parse_answer("refresh", 200, {}, body, now=NOW)
+
+
+@pytest.mark.parametrize(
+    ("code", "grant", "cls", "reason"),
+    [
+        ("90080", "refresh", DeadGrantError, None),
+        ("90129", "refresh", DeadGrantError, None),
+        ("90088", "refresh", DeadGrantError, None),
+        ("90279", "refresh", DeadGrantError, None),
+        ("90225", "password", PermanentError, BlockReason.CREDENTIALS),
+        ("90053", "password", PermanentError, BlockReason.CREDENTIALS),
+        ("90111", "password", PermanentError, BlockReason.LOCKED),
+        ("90114", "password", PermanentError, BlockReason.LOCKED),
+        ("90117", "refresh", PermanentError, BlockReason.SCOPE),
+        ("90018", "password", PermanentError, BlockReason.CLIENT),
+        ("90086", "password", PermanentError, BlockReason.CLIENT_BUG),
+        ("90244", "refresh", TransientError, None),
+        ("90035", "password", TransientError, None),
+        ("99999", "refresh", DeadGrantError, None),
+        ("99999", "password", PermanentError, BlockReason.UNKNOWN),
+        ("90080", "password", PermanentError, BlockReason.CLIENT_BUG),
+    ],
+)
+def test_b2c_codes_are_classified(
+    code: str, grant: str, cls: type[IdentityError], reason: BlockReason | None
+) -> None:
+    with pytest.raises(cls) as info:
+        parse_answer(grant, 400, {}, b2c_error(code), now=NOW)  # type: ignore[arg-type]
+    exc = info.value
+    assert type(exc) is cls
+    assert exc.code == f"AADB2C{code}"
+    assert exc.correlation_id == "0f7c1d2e-aaaa-bbbb-cccc-123456789abc"
+    assert exc.status == 400
+    assert f"AADB2C{code}" in str(exc) and exc.correlation_id in str(exc)
+    if reason is not None:
+        assert isinstance(exc, PermanentError) and exc.reason == reason
+
+
+def test_decision_is_on_the_code_not_on_the_error_field() -> None:
+    with pytest.raises(PermanentError):
+        parse_answer("password", 400, {}, b2c_error("90225", error="server_error"), now=NOW)
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "body", "retry_after"),
+    [
+        (429, {"retry-after": "7"}, b"Too many requests", 7.0),
+        (429, {}, b2c_error("90229"), None),
+        (400, {"retry-after": "30"}, b2c_error("90244"), 30.0),
+        (503, {}, b"<html>down</html>", None),
+        (500, {"retry-after": "99999"}, b"", RETRY_AFTER_CAP),
+        (403, {}, b"<html>proxy says no</html>", None),
+    ],
+)
+def test_transient_answers_keep_retry_after(
+    status: int, headers: dict[str, str], body: bytes, retry_after: float | None
+) -> None:
+    with pytest.raises(TransientError) as info:
+        parse_answer("refresh", status, headers, body, now=NOW)
+    assert info.value.retry_after == retry_after
+
+
+def test_retry_after_as_http_date() -> None:
+    base = 1_800_000_000.0
+    from email.utils import formatdate
+
+    assert parse_retry_after(formatdate(base + 42, usegmt=True), now=base) == 42.0
+    assert parse_retry_after(formatdate(base - 42, usegmt=True), now=base) == 0.0
+    assert parse_retry_after(formatdate(base + 10**6, usegmt=True), now=base) == RETRY_AFTER_CAP
+    assert parse_retry_after("soon", now=base) is None
+    assert parse_retry_after(None, now=base) is None
+
+
+def spec(**kw: object) -> TokenSetSpec:
+    fields: dict[str, object] = dict(
+        merchant="m1",
+        scope=Scope(name="bill", uri="https://ad.anybill.de/vendor/bill"),
+        username="svc-m1",
+        password=Secret("pa55word"),
+        client_id="client-1",
+        token_url="https://idp.example/ad.anybill.de/oauth2/v2.0/token",
+        policy="b2c_1_ropc_vendor",
+        timeout=5.0,
+        outputs=(),
+        refresh=RefreshSettings(),
+    )
+    fields.update(kw)
+    return TokenSetSpec(**fields)  # type: ignore[arg-type]
+
+
+def test_requests_follow_the_protocol() -> None:
+    s = spec()
+    pw = password_request(s)
+    assert pw.url.endswith("/token?p=b2c_1_ropc_vendor")
+    assert dict(pw.form) == {
+        "grant_type": "password",
+        "username": "svc-m1",
+        "password": "pa55word",
+        "client_id": "client-1",
+        "scope": "https://ad.anybill.de/vendor/bill offline_access",
+        "response_type": "token",
+    }
+    rf = refresh_request(s, Secret("eyJrefresh"))
+    assert rf.form["grant_type"] == "refresh_token"
+    assert rf.form["refresh_token"] == "eyJrefresh"
+    assert "password" not in rf.form
+    assert "pa55word" not in repr(pw) and "eyJrefresh" not in repr(rf)
+
+
+async def test_rate_limiter_spaces_requests_on_the_clock() -> None:
+    import asyncio
+
+    clock = FakeClock()
+    limiter = RateLimiter(4.0, clock)
+    times: list[float] = []
+
+    async def one() -> None:
+        await limiter.acquire()
+        times.append(clock.monotonic())
+
+    tasks = [asyncio.ensure_future(one()) for _ in range(5)]
+    await asyncio.sleep(0)
+    await clock.advance(2.0)
+    await asyncio.gather(*tasks)
+    start = times[0]
+    assert [round(t - start, 3) for t in times] == [0.0, 0.25, 0.5, 0.75, 1.0]
+
+
+async def test_client_never_puts_secrets_in_errors() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused to " + str(request.url))
+
+    client = IdentityClient(
+        clock=FakeClock(),
+        max_concurrent=2,
+        max_per_second=1000,
+        transport=httpx.MockTransport(handler),
+    )
+    with pytest.raises(TransientError) as info:
+        await client.request(password_request(spec()), timeout=1)
+    assert "pa55word" not in str(info.value) and "pa55word" not in repr(info.value)
+    await client.aclose()
+
+
+async def test_client_counts_outcomes_through_the_observer() -> None:
+    seen: list[tuple[str, str]] = []
+    answers = iter(
+        [
+            httpx.Response(200, content=ok(expires_in="60", refresh_token="eyJr")),
+            httpx.Response(400, content=b2c_error("90080")),
+        ]
+    )
+    client = IdentityClient(
+        clock=SystemClock(),
+        max_concurrent=1,
+        max_per_second=1000,
+        transport=httpx.MockTransport(lambda r: next(answers)),
+        observer=lambda g, o, d: seen.append((g, o)),
+    )
+    grant = await client.request(password_request(spec()), timeout=1)
+    with pytest.raises(DeadGrantError):
+        await client.request(refresh_request(spec(), grant.refresh_token or Secret("x")), timeout=1)
+    assert seen == [("password", "success"), ("refresh", "dead_grant")]
+    await client.aclose()
