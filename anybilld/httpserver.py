@@ -85,6 +85,10 @@ async def serve(handler: Handler, host: str, port: int) -> Server:
         srv.writers.add(writer)
         try:
             await _guarded(reader, writer)
+        except asyncio.CancelledError:
+            # The loop is shutting down. This task is the top of its connection: ending it
+            # quietly keeps asyncio's stream callback from logging a traceback (3.11).
+            writer.transport.abort()
         finally:
             srv.writers.discard(writer)
 
@@ -163,7 +167,7 @@ async def _write(
     out.extend(f"{k}: {v}" for k, v in r.headers)
     if not keep_alive:
         out.append("Connection: close")
-    writer.write(("\r\n".join(out) + "\r\n\r\n").encode("latin-1"))
-    if not head_only:
-        writer.write(r.body)
+    head = ("\r\n".join(out) + "\r\n\r\n").encode("latin-1")
+    # One write: two would cost a second send() system call per answer.
+    writer.write(head if head_only else head + r.body)
     await writer.drain()
