@@ -132,14 +132,15 @@ class Daemon:
             return 0
         finally:
             self.started.set()
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                loop.remove_signal_handler(sig)
             self.notifier.stopping()
             log.info("stopping")
             await supervisor.stop(SHUTDOWN_TIMEOUT)
             await listener.stop()
             await client.aclose()
             self.notifier.close()
+            # Only now: a second SIGTERM during shutdown must not kill a half-done write.
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
 
     async def _run_once(self, config: Config, supervisor: Supervisor) -> int:
         await supervisor.apply(config, once=True)

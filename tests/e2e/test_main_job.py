@@ -436,6 +436,8 @@ def test_sigterm_exits_zero_promptly_with_requests_hanging(
     d = start(daemons, tmp_path / "d", daemon_config(emu))
     wait_for(lambda: len(emu.requests()) >= 3, what="requests hanging at the IdP")
     d.signal(signal.SIGTERM)
+    # A second SIGTERM while shutting down (an impatient operator) changes nothing.
+    d.signal(signal.SIGTERM)
     # stop() fails the test if the daemon needs more than 10 s.
     assert d.stop(timeout=10) == 0
     emu.clear_faults()
