@@ -59,13 +59,20 @@ class BlockReason(StrEnum):
     CREDENTIALS = "credentials"  # wrong password, unknown user: blocks the whole merchant
     LOCKED = "locked"  # account locked or needs user action: blocks the whole merchant
     SCOPE = "scope"  # scope not allowed: blocks only that token set
-    CLIENT = "client"  # unknown / disabled client: blocks token sets of that client
+    # Each token set of a bad client learns it with one request of its own: the request is
+    # refused before any password is checked, so no account is at risk.
+    CLIENT = "client"  # unknown / disabled client: blocks that token set
     CLIENT_BUG = "client_bug"  # a request the IdP calls malformed: blocks that token set
     UNKNOWN = "unknown"  # an AADB2C code anybilld does not know, on a password login
 
     @property
     def whole_merchant(self) -> bool:
-        return self in (BlockReason.CREDENTIALS, BlockReason.LOCKED)
+        """Whether the failure is the account's: its password logins all stop at once.
+
+        An unknown code counts as the account's: it may be a new kind of credential
+        failure, and guessing wrong must cost one lockout attempt, not one per scope.
+        """
+        return self in (BlockReason.CREDENTIALS, BlockReason.LOCKED, BlockReason.UNKNOWN)
 
 
 class ErrorContext(TypedDict, total=False):

@@ -144,7 +144,6 @@ class Keeper:
         self.last_error: IdentityError | None = None
         self.block: _Block | None = None
         self.output_error: str | None = None
-        self.done = asyncio.Event()  # set once the first attempt has a definite outcome
 
         self._access: Secret | None = None
         self._refresh: Secret | None = None
@@ -158,6 +157,7 @@ class Keeper:
         self._wake = asyncio.Event()  # something changed: recompute what is due
         self._restart = asyncio.Event()  # identity changed or block lifted: act now
         self._task: asyncio.Task[None] | None = None
+        self._persisting: asyncio.Future[None] | None = None
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -175,6 +175,10 @@ class Keeper:
             return
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
+        if self._persisting is not None:
+            # The shield kept it running through the cancellation; wait for it, so that
+            # nothing writes this token set's files after stop() returned.
+            await asyncio.gather(self._persisting, return_exceptions=True)
 
     async def wait(self) -> None:
         if self._task is not None:
@@ -187,14 +191,19 @@ class Keeper:
         one arrives); new outputs are written at once; new timing reschedules.
         """
         old, self.spec = self.spec, spec
+        now = self.rt.clock.monotonic()
         if old.login_fingerprint() != spec.login_fingerprint():
             self._refresh = None
-            self.block = None
-            self._due = self.rt.clock.monotonic()
+            if self.block is not None:
+                self.block = None
+                self.state = TokenState.OK if self.has_valid_token else TokenState.PENDING
+            self._due = now
             self._restart.set()
-        elif old.outputs != spec.outputs and self._access is not None:
-            self._republish_at = self.rt.clock.monotonic()
-        elif (
+            self._wake.set()
+            return
+        if old.outputs != spec.outputs and self._access is not None:
+            self._republish_at = now
+        if (
             old.refresh != spec.refresh
             and self.state == TokenState.OK
             and self._lifetime is not None
@@ -215,11 +224,9 @@ class Keeper:
                     await self._publish_current()
                 if self._due <= now:
                     await self._renew(stop=stop_after_attempt(ONCE_ATTEMPTS) if once else None)
-                    self.done.set()
                     if once:
                         return
                     continue
-                self.done.set()
                 if once:
                     return
                 wake_at = min(self._due, self._republish_at or math.inf)
@@ -229,7 +236,6 @@ class Keeper:
         except Exception:  # a bug; the process keeps serving the other token sets
             self._log(logging.CRITICAL, "keeper crashed; this token set is no longer kept")
             log.exception("keeper crash details")
-            self.done.set()
 
     async def _sleep(self, delay: float, *events: asyncio.Event) -> None:
         """Sleep on the injected clock, returning early when any of ``events`` is set."""
@@ -244,8 +250,19 @@ class Keeper:
                 t.cancel()
 
     async def _backoff_sleep(self, delay: float) -> None:
-        # Only an identity change or a lifted block cuts a backoff short.
-        await self._sleep(delay, self._restart)
+        """Tenacity's sleep between attempts: cut short only by an identity change or a
+        lifted block, but it writes files that fall due meanwhile (new outputs from a
+        reload, a retry of a failed write) with the token it holds."""
+        end = self.rt.clock.monotonic() + delay
+        while True:
+            self._wake.clear()
+            now = self.rt.clock.monotonic()
+            if self._republish_at is not None and self._republish_at <= now:
+                await self._publish_current()
+            if now >= end or self._restart.is_set():
+                return
+            wake_at = min(end, self._republish_at or math.inf)
+            await self._sleep(wake_at - now, self._restart, self._wake)
 
     # ----------------------------------------------------------------- start-up
 
@@ -374,7 +391,8 @@ class Keeper:
         )
         # Saving and publishing finish even if shutdown cancels the task meanwhile: the new
         # refresh token may already have replaced the old one at the IdP.
-        await asyncio.shield(self._persist_and_publish())
+        self._persisting = asyncio.ensure_future(self._persist_and_publish())
+        await asyncio.shield(self._persisting)
 
     def _delay(self, lifetime: float) -> float:
         r = self.spec.refresh
@@ -387,6 +405,7 @@ class Keeper:
         assert isinstance(exc, TransientError)
         delay = rs.next_action.sleep if rs.next_action is not None else 0.0
         self._due = self.rt.clock.monotonic() + delay
+        self.block = None  # a retry after blocked_retry that fails transiently: no longer blocked
         self._fail(exc, TokenState.RETRYING, f"will retry in {delay:.1f}s")
 
     def _on_permanent(self, exc: PermanentError) -> None:
