@@ -84,11 +84,13 @@ def render_status_table(doc: dict[str, object]) -> str:
     rows = [("MERCHANT", "SCOPE", "STATE", "EXPIRES", "NEXT REFRESH", "FAILS", "LAST ERROR")]
     sets = doc.get("token_sets")
     for ts in sets if isinstance(sets, list) else []:
-        error = ts.get("last_error_code") or ""
+        # The code when the IdP sent one (what support asks for), else what went wrong.
+        error = ts.get("last_error_code") or ts.get("last_error") or ""
         if ts.get("blocked_reason"):
             error = f"{error} ({ts['blocked_reason']})".strip()
-        if ts.get("output_error"):
-            error = (error + " output: " + str(ts["output_error"])).strip()
+        for kind in ("output_error", "state_error"):
+            if ts.get(kind):
+                error = f"{error} {kind.split('_')[0]}: {ts[kind]}".strip()
         rows.append(
             (
                 str(ts.get("merchant")),

@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import contextlib
 import secrets
+import shutil
 import sys
 from importlib import resources
 from pathlib import Path
@@ -45,6 +46,9 @@ def prepare(folder: Path, token_url: str) -> tuple[Path, dict[str, str]]:
             path.write_text(secrets.token_urlsafe(18) + "\n")
             path.chmod(0o600)
         passwords[user] = path.read_text().removesuffix("\n")
+    # The embedded emulator forgets its grants when it stops, and listens on a new port
+    # each time: state from an earlier demo run could never be reused.
+    shutil.rmtree(folder / "state", ignore_errors=True)
     config = folder / "config.yaml"
     config.write_text(demo_template().replace("@TOKEN_URL@", token_url))
     return config, passwords

@@ -122,9 +122,15 @@ class TransientError(IdentityError):
     kind = "transient"
 
     def __init__(
-        self, detail: str, *, retry_after: float | None = None, **context: Unpack[ErrorContext]
+        self,
+        detail: str,
+        *,
+        retry_after: float | None = None,
+        throttled: bool = False,
+        **context: Unpack[ErrorContext],
     ) -> None:
         self.retry_after = retry_after
+        self.throttled = throttled  # the IdP asked this client to slow down (429, 90229)
         super().__init__(detail, **context)
 
 

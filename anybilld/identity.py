@@ -211,7 +211,7 @@ def parse_answer(
     retry_after = parse_retry_after(headers.get("retry-after"), now=now)
 
     if status == 429 or code in _THROTTLED:
-        raise TransientError("throttled", retry_after=retry_after, **kw)
+        raise TransientError("throttled", retry_after=retry_after, throttled=True, **kw)
     if status >= 500 or code in _UNAVAILABLE:
         raise TransientError("identity provider unavailable", retry_after=retry_after, **kw)
     if code is None:
@@ -279,6 +279,9 @@ class IdentityClient:
         self._observer = observer
         self._slots = asyncio.Semaphore(max_concurrent)
         self._rate = RateLimiter(max_per_second, clock)
+        # When the IdP says "slow down" with a Retry-After, it means this client IP, not
+        # one token set: every request waits until then.
+        self._paused_until = 0.0
         verify: str | bool = ca_bundle if ca_bundle else True
         self._http = httpx.AsyncClient(
             verify=verify,
@@ -297,6 +300,9 @@ class IdentityClient:
     async def request(self, req: TokenRequest, *, timeout: float) -> Grant:
         """Send one grant request; return the grant or raise an IdentityError subclass."""
         async with self._slots:
+            pause = self._paused_until - self._clock.monotonic()
+            if pause > 0:
+                await self._clock.sleep(pause)
             await self._rate.acquire()
             started = time.perf_counter()
             outcome = "success"
@@ -305,6 +311,10 @@ class IdentityClient:
                 return parse_answer(req.grant, status, headers, body, now=self._clock.time())
             except IdentityError as exc:
                 outcome = exc.kind
+                if isinstance(exc, TransientError) and exc.throttled and exc.retry_after:
+                    self._paused_until = max(
+                        self._paused_until, self._clock.monotonic() + exc.retry_after
+                    )
                 raise
             finally:
                 if self._observer is not None:

@@ -20,6 +20,8 @@ and the log show. The published files are only ever replaced by a newer valid to
 from __future__ import annotations
 
 import asyncio
+import functools
+import hashlib
 import logging
 import math
 import random
@@ -98,6 +100,23 @@ def _credentials(spec: TokenSetSpec) -> tuple[str, str]:
     return (spec.grant_fingerprint(), spec.password.fingerprint())
 
 
+@functools.lru_cache(maxsize=4096)
+def _credentials_digest(grant_fingerprint: str, password: Secret) -> str:
+    """A slow, salted digest of the credentials, for a block stored on disk.
+
+    Slow (PBKDF2) because a state file must not make a weak password cheap to guess;
+    cached because the token sets of one merchant share it. Blocking: call off the loop.
+    """
+    raw = hashlib.pbkdf2_hmac(
+        "sha256", password.reveal().encode(), grant_fingerprint.encode(), 20_000
+    )
+    return raw.hex()
+
+
+def credentials_digest(spec: TokenSetSpec) -> str:
+    return _credentials_digest(spec.grant_fingerprint(), spec.password)
+
+
 @dataclass(kw_only=True)
 class Account:
     """A merchant's service account, shared by its token sets."""
@@ -117,10 +136,10 @@ class Account:
         return b
 
 
-def _copy_error(exc: PermanentError) -> PermanentError:
+def _copy_error(exc: PermanentError, detail: str) -> PermanentError:
     """A fresh exception with the same facts, so tasks never share one traceback."""
     return PermanentError(
-        exc.detail,
+        detail,
         reason=exc.reason,
         code=exc.code,
         correlation_id=exc.correlation_id,
@@ -137,13 +156,15 @@ class Keeper:
         self.rt = rt
         # Live state, read at scrape time by metrics and /status. Times are wall clock.
         self.state = TokenState.PENDING
-        self.access_expires_at: float | None = None
+        self.access_expires_at: float | None = None  # of the token held
+        self.published_expires_at: float | None = None  # of the token in every file
         self.refresh_expires_at: float | None = None
         self.last_success_at: float | None = None
         self.consecutive_failures = 0
         self.last_error: IdentityError | None = None
         self.block: _Block | None = None
-        self.output_error: str | None = None
+        self.output_error: str | None = None  # a token file could not be written
+        self.state_error: str | None = None  # the state file could not be written
 
         self._access: Secret | None = None
         self._refresh: Secret | None = None
@@ -154,6 +175,7 @@ class Keeper:
         self._due = rt.clock.monotonic()  # next grant attempt, monotonic
         self._republish_at: float | None = None  # next retry of a failed file write
         self._write_failures = 0
+        self._state_dirty = False  # the state file lags behind what is held in memory
         self._wake = asyncio.Event()  # something changed: recompute what is due
         self._restart = asyncio.Event()  # identity changed or block lifted: act now
         self._task: asyncio.Task[None] | None = None
@@ -220,8 +242,13 @@ class Keeper:
             while True:
                 self._wake.clear()
                 now = self.rt.clock.monotonic()
+                if self._restart.is_set():
+                    # An identity change or a lifted block arrived while something else
+                    # (a request, the start-up) was running and may have moved _due since.
+                    self._restart.clear()
+                    self._due = min(self._due, now)
                 if self._republish_at is not None and self._republish_at <= now:
-                    await self._publish_current()
+                    await self._flush()
                 if self._due <= now:
                     await self._renew(stop=stop_after_attempt(ONCE_ATTEMPTS) if once else None)
                     if once:
@@ -238,8 +265,12 @@ class Keeper:
             log.exception("keeper crash details")
 
     async def _sleep(self, delay: float, *events: asyncio.Event) -> None:
-        """Sleep on the injected clock, returning early when any of ``events`` is set."""
+        """Sleep on the injected clock, returning early when any of ``events`` is set.
+
+        Always yields to the loop at least once, so no caller can spin it.
+        """
         if delay <= 0 or any(e.is_set() for e in events):
+            await asyncio.sleep(0)
             return
         tasks: list[asyncio.Future[Any]] = [asyncio.ensure_future(self.rt.clock.sleep(delay))]
         tasks += [asyncio.ensure_future(e.wait()) for e in events]
@@ -258,7 +289,7 @@ class Keeper:
             self._wake.clear()
             now = self.rt.clock.monotonic()
             if self._republish_at is not None and self._republish_at <= now:
-                await self._publish_current()
+                await self._flush()
             if now >= end or self._restart.is_set():
                 return
             wake_at = min(end, self._republish_at or math.inf)
@@ -267,23 +298,29 @@ class Keeper:
     # ----------------------------------------------------------------- start-up
 
     async def _restore(self) -> None:
-        """Reuse a stored grant of the same identity: a restart needs no password."""
+        """Reuse a stored grant of the same identity: a restart needs no password.
+
+        A stored block of the same credentials is honoured too, so a restart never tries a
+        refused password again before ``blocked_retry`` has passed.
+        """
         spec = self.spec
         stored: StoredGrant | None = await self.rt.run_io(
             self.rt.store.load, spec.merchant, spec.scope.name
         )
-        if stored is None:
+        if stored is None or self.spec is not spec:  # a reload came first: start afresh
             return
         if stored.fingerprint != spec.grant_fingerprint():
             self._log(logging.INFO, "stored grant was issued to another identity; not reused")
             return
         now_wall, now_mono = self.rt.clock.time(), self.rt.clock.monotonic()
-        self._first_sign_in = stored.first_sign_in_at
+        if stored.obtained_at > 0:
+            self._first_sign_in = stored.first_sign_in_at
         if stored.refresh_token is not None and (
             stored.refresh_token_expires_at is None or stored.refresh_token_expires_at > now_wall
         ):
             self._refresh = stored.refresh_token
             self.refresh_expires_at = stored.refresh_token_expires_at
+        await self._restore_block(stored, now_wall, now_mono)
         expires = stored.access_token_expires_at
         if stored.access_token is None or expires is None or expires <= now_wall:
             return
@@ -294,10 +331,36 @@ class Keeper:
         self._lifetime = max(1.0, expires - stored.obtained_at)
         # Wall clock is the only bridge across a restart; from here on, monotonic.
         self._obtained_mono = now_mono - (now_wall - stored.obtained_at)
-        self._due = self._obtained_mono + self._delay(self._lifetime)
-        self.state = TokenState.OK
+        if self.block is None:
+            self._due = self._obtained_mono + self._delay(self._lifetime)
+            self.state = TokenState.OK
         self._log(logging.INFO, "reusing stored token", expires_at=_iso(expires))
-        await self._publish_current()
+        await self._flush()
+
+    async def _restore_block(self, stored: StoredGrant, now_wall: float, now_mono: float) -> None:
+        until_wall, reason = stored.blocked_until, stored.blocked_reason
+        known = {r.value for r in BlockReason}
+        if until_wall is None or until_wall <= now_wall or reason is None or reason not in known:
+            return
+        digest = await self.rt.run_io(credentials_digest, self.spec)
+        if digest != stored.blocked_credentials:
+            return  # the credentials changed since: the block is lifted
+        error = PermanentError(
+            "blocked before the restart", reason=BlockReason(reason), code=stored.blocked_code
+        )
+        until = now_mono + (until_wall - now_wall)
+        self.block = _Block(error=error, until=until, credentials=_credentials(self.spec))
+        if error.reason.whole_merchant:
+            self.account.block = self.block
+        self._due = until
+        self.state = TokenState.BLOCKED
+        self.last_error = error
+        self._log(
+            logging.ERROR,
+            f"still blocked ({reason}) after the restart; no attempt for {until - now_mono:.0f}s "
+            "or until the config or secret changes",
+            code=stored.blocked_code,
+        )
 
     # ----------------------------------------------------------------- obtaining
 
@@ -317,7 +380,7 @@ class Keeper:
         except TransientError as exc:  # only with a stop: a --once run gave up
             self._fail(exc, TokenState.RETRYING)
         except PermanentError as exc:
-            self._on_permanent(exc)
+            await self._on_permanent(exc)
 
     async def _obtain(self) -> None:
         spec = self.spec  # read anew on every attempt: a reload may have replaced it
@@ -345,7 +408,7 @@ class Keeper:
             now = self.rt.clock.monotonic()
             block = self.account.blocked(spec, now)
             if block is not None:
-                raise _copy_error(block.error)
+                raise _copy_error(block.error, "another token set of this merchant was refused")
             try:
                 return await self.rt.client.request(password_request(spec), timeout=spec.timeout)
             except PermanentError as exc:
@@ -408,7 +471,7 @@ class Keeper:
         self.block = None  # a retry after blocked_retry that fails transiently: no longer blocked
         self._fail(exc, TokenState.RETRYING, f"will retry in {delay:.1f}s")
 
-    def _on_permanent(self, exc: PermanentError) -> None:
+    async def _on_permanent(self, exc: PermanentError) -> None:
         account_block = self.account.blocked(self.spec, self.rt.clock.monotonic())
         if exc.reason.whole_merchant and account_block is not None:
             until = account_block.until
@@ -423,6 +486,8 @@ class Keeper:
             f"blocked ({exc.reason.value}): no new attempt for {wait:.0f}s "
             "or until the config or secret changes",
         )
+        self._state_dirty = True
+        await self._flush()
 
     def _fail(self, exc: IdentityError, state: TokenState | None, what: str = "") -> None:
         """The one failure path: count, keep for /status, log with code and correlation id."""
@@ -443,8 +508,21 @@ class Keeper:
     # ----------------------------------------------------------------- files
 
     async def _persist_and_publish(self) -> None:
-        spec = self.spec
-        stored = StoredGrant(
+        self._state_dirty = True
+        await self._flush()
+
+    async def _stored(self) -> StoredGrant:
+        spec, block = self.spec, self.block
+        blocked: dict[str, Any] = {}
+        if block is not None:
+            wait = max(0.0, block.until - self.rt.clock.monotonic())
+            blocked = {
+                "blocked_until": self.rt.clock.time() + wait,
+                "blocked_reason": block.error.reason.value,
+                "blocked_code": block.error.code,
+                "blocked_credentials": await self.rt.run_io(credentials_digest, spec),
+            }
+        return StoredGrant(
             fingerprint=spec.grant_fingerprint(),
             refresh_token=self._refresh,
             refresh_token_expires_at=self.refresh_expires_at,
@@ -452,23 +530,43 @@ class Keeper:
             access_token=self._access,
             access_token_expires_at=self.access_expires_at,
             obtained_at=self._obtained_wall or 0.0,
+            **blocked,
         )
-        try:
-            await self.rt.run_io(self.rt.store.save, spec.merchant, spec.scope.name, stored)
-        except OutputError as exc:
-            # The token is still good and published below; only a restart would need the
-            # password again.
-            self._log(logging.ERROR, f"could not save state: {exc}")
-        await self._publish_current()
 
-    async def _publish_current(self) -> None:
-        if self._access is None or self.access_expires_at is None:
+    async def _flush(self) -> None:
+        """Write what the disk lacks: the state file if it lags, then every token file.
+
+        A failure is retried with backoff (retry_initial .. retry_max) without a new
+        request: the token held is still good. Until then ``published_expires_at`` keeps
+        the expiry of what consumers really have, which metrics, /readyz and alerts use.
+        """
+        spec = self.spec
+        if self._state_dirty:
+            try:
+                stored = await self._stored()
+                await self.rt.run_io(self.rt.store.save, spec.merchant, spec.scope.name, stored)
+            except OutputError as exc:
+                if self.state_error is None:
+                    self._log(logging.ERROR, f"could not save state: {exc}")
+                self.state_error = str(exc)
+            else:
+                self._state_dirty = False
+                self.state_error = None
+        if self._access is not None and self.access_expires_at is not None:
+            await self._publish(spec, self._access, self.access_expires_at)
+        if self.output_error is None and self.state_error is None:
+            self._write_failures = 0
             self._republish_at = None
             return
-        spec = self.spec
+        self._write_failures += 1
+        r = spec.refresh
+        window = wait_full_jitter(r.retry_initial, r.retry_max).window(self._write_failures)
+        self._republish_at = self.rt.clock.monotonic() + window
+
+    async def _publish(self, spec: TokenSetSpec, access: Secret, expires_at: float) -> None:
         token = PublishedToken(
-            access_token=self._access,
-            expires_at=self.access_expires_at,
+            access_token=access,
+            expires_at=expires_at,
             obtained_at=self._obtained_wall or self.rt.clock.time(),
             merchant=spec.merchant,
             scope=spec.scope.name,
@@ -482,22 +580,16 @@ class Keeper:
             if res.error is not None:
                 errors.append(str(res.error))
                 self._log(logging.ERROR, f"could not publish token: {res.error}")
+        self.output_error = "; ".join(errors) or None
         if not errors:
-            self.output_error = None
-            self._write_failures = 0
-            self._republish_at = None
-            return
-        self.output_error = "; ".join(errors)
-        self._write_failures += 1
-        r = spec.refresh
-        window = wait_full_jitter(r.retry_initial, r.retry_max).window(self._write_failures)
-        self._republish_at = self.rt.clock.monotonic() + window
+            self.published_expires_at = expires_at
 
     # ----------------------------------------------------------------- views
 
     @property
     def has_valid_token(self) -> bool:
-        exp = self.access_expires_at
+        """Whether consumers can read a valid token from every file of this token set."""
+        exp = self.published_expires_at
         return exp is not None and exp > self.rt.clock.time()
 
     @property

@@ -26,7 +26,7 @@ def token_set_status(k: Keeper) -> dict[str, Any]:
         "merchant": k.spec.merchant,
         "scope": k.spec.scope.name,
         "state": k.state.value,
-        "expires_at": ts(k.access_expires_at),
+        "expires_at": ts(k.published_expires_at),
         "next_refresh_at": ts(k.next_attempt_at),
         "last_success_at": ts(k.last_success_at),
         "refresh_token_expires_at": ts(k.refresh_expires_at),
@@ -35,6 +35,7 @@ def token_set_status(k: Keeper) -> dict[str, Any]:
         "last_error": err.describe() if err else None,
         "blocked_reason": k.block_reason.value if k.block_reason else None,
         "output_error": k.output_error,
+        "state_error": k.state_error,
     }
 
 

@@ -62,15 +62,16 @@ class TokenSetCollector(Collector):
         )
         output_failing = GaugeMetricFamily(
             "anybilld_token_output_failing",
-            "1 while writing one of the token set's files fails.",
+            "1 while writing one of the token set's token or state files fails.",
             labels=labels,
         )
         states = dict.fromkeys(TokenState, 0)
         for k in list(self._keepers()):
             ls = [k.spec.merchant, k.spec.scope.name]
             states[k.state] += 1
-            if k.access_expires_at is not None:
-                expiry.add_metric(ls, k.access_expires_at)
+            # What consumers really have: a token that could not be written is not counted.
+            if k.published_expires_at is not None:
+                expiry.add_metric(ls, k.published_expires_at)
             if k.last_success_at is not None:
                 success.add_metric(ls, k.last_success_at)
             next_refresh.add_metric(ls, k.next_attempt_at)
@@ -80,7 +81,7 @@ class TokenSetCollector(Collector):
             reason = k.block_reason
             if k.state == TokenState.BLOCKED and reason is not None:
                 blocked.add_metric([*ls, reason.value], 1)
-            output_failing.add_metric(ls, 1 if k.output_error else 0)
+            output_failing.add_metric(ls, 1 if k.output_error or k.state_error else 0)
         yield from (expiry, success, next_refresh, refresh_expiry, failures, blocked)
         yield output_failing
         sets = GaugeMetricFamily("anybilld_token_sets", "Token sets per state.", labels=["state"])

@@ -54,6 +54,14 @@ class StoredGrant:
     access_token: Secret | None
     access_token_expires_at: float | None
     obtained_at: float
+    # A block after a permanent failure outlives a restart, so that neither a restart loop
+    # nor a cron job of --once runs tries a refused password again before blocked_retry.
+    # ``blocked_credentials`` is a slow salted digest of the refused credentials: a new
+    # password lifts the block, and the file never holds anything that reveals the password.
+    blocked_until: float | None = None
+    blocked_reason: str | None = None
+    blocked_code: str | None = None
+    blocked_credentials: str | None = None
 
 
 class StateStore:
@@ -237,6 +245,10 @@ def _encode(grant: StoredGrant) -> bytes:
         "access_token": _reveal(grant.access_token),
         "access_token_expires_at": grant.access_token_expires_at,
         "obtained_at": grant.obtained_at,
+        "blocked_until": grant.blocked_until,
+        "blocked_reason": grant.blocked_reason,
+        "blocked_code": grant.blocked_code,
+        "blocked_credentials": grant.blocked_credentials,
     }
     # allow_nan=False: a NaN time is a bug upstream, and would not load again anyway.
     return (json.dumps(doc, indent=2, allow_nan=False) + "\n").encode()
@@ -281,6 +293,13 @@ def _decode(raw: bytes) -> StoredGrant:
         access_token=None if access_token is None else Secret(access_token),
         access_token_expires_at=_opt_time(doc, "access_token_expires_at"),
         obtained_at=_time(doc, "obtained_at"),
+        # Optional: files written before blocks were stored have none of these.
+        blocked_until=_opt_time(doc, "blocked_until") if "blocked_until" in doc else None,
+        blocked_reason=_opt_text(doc, "blocked_reason") if "blocked_reason" in doc else None,
+        blocked_code=_opt_text(doc, "blocked_code") if "blocked_code" in doc else None,
+        blocked_credentials=(
+            _opt_text(doc, "blocked_credentials") if "blocked_credentials" in doc else None
+        ),
     )
 
 

@@ -259,3 +259,37 @@ async def test_client_counts_outcomes_through_the_observer() -> None:
         await client.request(refresh_request(spec(), grant.refresh_token or Secret("x")), timeout=1)
     assert seen == [("password", "success"), ("refresh", "dead_grant")]
     await client.aclose()
+
+
+async def test_a_throttle_with_retry_after_pauses_every_request_of_the_client() -> None:
+    import asyncio
+
+    clock = FakeClock()
+    answers = iter(
+        [
+            httpx.Response(429, headers={"Retry-After": "5"}, content=b"slow down"),
+            httpx.Response(200, content=ok(expires_in="60")),
+        ]
+    )
+    client = IdentityClient(
+        clock=clock,
+        max_concurrent=2,
+        max_per_second=1000,
+        transport=httpx.MockTransport(lambda r: next(answers)),
+    )
+    with pytest.raises(TransientError) as info:
+        await client.request(password_request(spec()), timeout=1)
+    assert info.value.throttled and info.value.retry_after == 5.0
+    # Another token set's request waits out the Retry-After too: it is the client IP that
+    # was throttled, not one token set.
+    other = asyncio.ensure_future(
+        client.request(password_request(spec(merchant="m2", username="svc-m2")), timeout=1)
+    )
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert not other.done()
+    assert clock.sleeping and clock.sleeping[0] == pytest.approx(5.0, abs=0.01)
+    await clock.advance(5.01)
+    grant = await other
+    assert grant.expires_in == 60
+    await client.aclose()
