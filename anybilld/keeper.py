@@ -452,10 +452,7 @@ class Keeper:
             expires_at=_iso(self.access_expires_at),
             next_refresh_in=f"{self._due - now_mono:.0f}s",
         )
-        # Saving and publishing finish even if shutdown cancels the task meanwhile: the new
-        # refresh token may already have replaced the old one at the IdP.
-        self._persisting = asyncio.ensure_future(self._persist_and_publish())
-        await asyncio.shield(self._persisting)
+        await self._persist()
 
     def _delay(self, lifetime: float) -> float:
         r = self.spec.refresh
@@ -486,8 +483,7 @@ class Keeper:
             f"blocked ({exc.reason.value}): no new attempt for {wait:.0f}s "
             "or until the config or secret changes",
         )
-        self._state_dirty = True
-        await self._flush()
+        await self._persist()
 
     def _fail(self, exc: IdentityError, state: TokenState | None, what: str = "") -> None:
         """The one failure path: count, keep for /status, log with code and correlation id."""
@@ -507,9 +503,13 @@ class Keeper:
 
     # ----------------------------------------------------------------- files
 
-    async def _persist_and_publish(self) -> None:
+    async def _persist(self) -> None:
+        """Save the state and publish, finishing even if shutdown cancels the task meanwhile:
+        a new refresh token may already have replaced the old one at the IdP, and a block
+        that is not on disk would let the next start try a refused password again."""
         self._state_dirty = True
-        await self._flush()
+        self._persisting = asyncio.ensure_future(self._flush())
+        await asyncio.shield(self._persisting)
 
     async def _stored(self) -> StoredGrant:
         spec, block = self.spec, self.block

@@ -1,11 +1,10 @@
 """One token set's life on a fake clock, against a scripted token endpoint.
 
-No network and no real sleeping: the keeper's ``TokenClient`` is a fake that answers from a
-queue and records every request, the clock is a ``FakeClock`` moved by ``Env.advance``, and
-file I/O runs inline. State and token files are real files under ``tmp_path``.
+No network and no real sleeping: the keeper's ``TokenClient`` is a fake that answers from
+a queue and records every request, the clock is a ``FakeClock`` moved by ``Env.advance``,
+and file I/O runs inline. State and token files are real files under ``tmp_path``.
 
-The fakes are repeated (in small) in test_supervisor/test_metrics/test_listener: each test
-module stands on its own.
+The fakes live in fakes.py, shared with test_supervisor/test_metrics/test_listener.
 """
 
 from __future__ import annotations
@@ -14,36 +13,33 @@ import asyncio
 import json
 import os
 import stat
-from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from dataclasses import dataclass, replace
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import replace
 from itertools import pairwise
 from pathlib import Path
-from typing import Any
 
 import pytest
-
-from anybilld.clock import FakeClock
-from anybilld.config import SCOPE_BASE, OutputTarget, RefreshSettings, Scope, TokenSetSpec
-from anybilld.errors import BlockReason, DeadGrantError, PermanentError, TransientError
-from anybilld.files import rfc3339
-from anybilld.identity import Grant, TokenRequest
-from anybilld.keeper import Account, Keeper, Runtime, TokenState
-from anybilld.secret import Secret
-from anybilld.state import StateStore
-
-PASSWORD = "pw-SECRET-berlin"
-MONO0 = 1000.0
-WALL0 = 1_800_000_000.0
-# Binary-exact fractions, so times on the fake clock compare exactly.
-REFRESH = RefreshSettings(
-    at=0.5, jitter=0.25, retry_initial=1.0, retry_max=64.0, blocked_retry=3600.0
+from fakes import (
+    MONO0,
+    PASSWORD,
+    REFRESH,
+    WALL0,
+    KeeperEnv,
+    Outcome,
+    dead_grant,
+    gated_save,
+    grant,
+    scope_refused,
+    settle,
+    transient,
+    wrong_password,
 )
 
-
-def middle(a: float, b: float) -> float:
-    """The 'random' draw in the middle: a refresh at exactly ``at``, waits half the window."""
-    return (a + b) / 2
+from anybilld.config import OutputTarget
+from anybilld.errors import BlockReason, PermanentError, TransientError
+from anybilld.files import rfc3339
+from anybilld.keeper import Account, Keeper, TokenState
+from anybilld.secret import Secret
 
 
 def upper(a: float, b: float) -> float:
@@ -51,190 +47,7 @@ def upper(a: float, b: float) -> float:
     return b
 
 
-# ---------------------------------------------------------------- the fake token endpoint
-
-
-@dataclass(frozen=True, kw_only=True)
-class Sent:
-    grant: str  # "password" | "refresh"
-    username: str | None
-    password: str | None
-    refresh_token: str | None
-    scope: str  # short name
-    client_id: str
-    at: float  # monotonic time on the fake clock
-
-
-Outcome = Grant | Exception
-
-
-class FakeTokenClient:
-    """Answers from scripted queues (per scope, else the default one) and records requests.
-
-    With nothing queued, a request stays in flight until ``push`` queues an answer: tests see
-    requests they did not expect in ``sent`` instead of a crash hidden in the keeper's log.
-    """
-
-    def __init__(self, clock: FakeClock) -> None:
-        self.clock = clock
-        self.sent: list[Sent] = []
-        self._queues: dict[str | None, deque[Outcome]] = {None: deque()}
-        self._more = asyncio.Event()
-
-    def push(self, *outcomes: Outcome, scope: str | None = None) -> None:
-        self._queues.setdefault(scope, deque()).extend(outcomes)
-        self._more.set()
-
-    def clear(self) -> None:
-        for q in self._queues.values():
-            q.clear()
-
-    @property
-    def grants(self) -> list[str]:
-        return [s.grant for s in self.sent]
-
-    async def request(self, req: TokenRequest, *, timeout: float) -> Grant:
-        form = req.form
-        scope = form["scope"].split()[0].rsplit("/", 1)[-1]
-        self.sent.append(
-            Sent(
-                grant=req.grant,
-                username=form.get("username"),
-                password=form.get("password"),
-                refresh_token=form.get("refresh_token"),
-                scope=scope,
-                client_id=form["client_id"],
-                at=self.clock.monotonic(),
-            )
-        )
-        queue = self._queues[scope] if scope in self._queues else self._queues[None]
-        while not queue:
-            self._more.clear()
-            await self._more.wait()
-        outcome = queue.popleft()
-        if isinstance(outcome, Exception):
-            raise outcome
-        return outcome
-
-
-def grant(
-    name: str,
-    *,
-    expires_in: float = 3600.0,
-    refresh: bool = True,
-    refresh_expires_in: float | None = 86400.0,
-) -> Grant:
-    return Grant(
-        access_token=Secret(f"AT-{name}"),
-        expires_in=expires_in,
-        refresh_token=Secret(f"RT-{name}") if refresh else None,
-        refresh_token_expires_in=refresh_expires_in if refresh else None,
-    )
-
-
-def transient(retry_after: float | None = None) -> TransientError:
-    return TransientError("identity provider unavailable", retry_after=retry_after, status=503)
-
-
-def dead_grant() -> DeadGrantError:
-    return DeadGrantError(
-        "refresh grant no longer usable", code="AADB2C90080", correlation_id="c-1", status=400
-    )
-
-
-def wrong_password() -> PermanentError:
-    return PermanentError(
-        "rejected (credentials)",
-        reason=BlockReason.CREDENTIALS,
-        code="AADB2C90225",
-        correlation_id="c-2",
-        status=400,
-    )
-
-
-def scope_refused() -> PermanentError:
-    return PermanentError(
-        "rejected (scope)", reason=BlockReason.SCOPE, code="AADB2C90117", status=400
-    )
-
-
-# ---------------------------------------------------------------- the environment
-
-
-async def run_inline(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """run_io without a thread: deterministic order, nothing left running after a test."""
-    return fn(*args, **kwargs)
-
-
-async def settle(rounds: int = 200) -> None:
-    for _ in range(rounds):
-        await asyncio.sleep(0)
-
-
-def make_spec(
-    out: Path,
-    merchant: str = "berlin-01",
-    scope: str = "bill",
-    *,
-    password: str = PASSWORD,
-    client_id: str = "client-A",
-    outputs: tuple[OutputTarget, ...] | None = None,
-    refresh: RefreshSettings = REFRESH,
-) -> TokenSetSpec:
-    if outputs is None:
-        outputs = (
-            OutputTarget(
-                path=out / merchant / f"{scope}.json", format="json", mode=0o640, group=None
-            ),
-        )
-    return TokenSetSpec(
-        merchant=merchant,
-        scope=Scope(name=scope, uri=SCOPE_BASE + scope),
-        username=f"svc-{merchant}",
-        password=Secret(password),
-        client_id=client_id,
-        token_url="https://idp.invalid/ad.anybill.de/oauth2/v2.0/token",
-        policy="b2c_1_ropc_vendor",
-        timeout=10.0,
-        outputs=outputs,
-        refresh=refresh,
-    )
-
-
-class Env:
-    def __init__(self, tmp: Path) -> None:
-        self.clock = FakeClock(monotonic=MONO0, wall=WALL0)
-        self.client = FakeTokenClient(self.clock)
-        self.store = StateStore(tmp / "state")
-        self.store.prepare()
-        self.out = tmp / "out"
-        self.out.mkdir()
-        self.rt = Runtime(
-            client=self.client,
-            store=self.store,
-            clock=self.clock,
-            output_root=self.out,
-            uniform=middle,
-            run_io=run_inline,
-        )
-        self.keepers: list[Keeper] = []
-
-    def spec(self, merchant: str = "berlin-01", scope: str = "bill", **kw: Any) -> TokenSetSpec:
-        return make_spec(self.out, merchant, scope, **kw)
-
-    def start(self, spec: TokenSetSpec | None = None, account: Account | None = None) -> Keeper:
-        keeper = Keeper(spec or self.spec(), account or Account(), self.rt)
-        self.keepers.append(keeper)
-        keeper.start()
-        return keeper
-
-    def token_file(self, merchant: str = "berlin-01", scope: str = "bill") -> Path:
-        return self.out / merchant / f"{scope}.json"
-
-    def token_doc(self, merchant: str = "berlin-01", scope: str = "bill") -> dict[str, Any]:
-        doc: dict[str, Any] = json.loads(self.token_file(merchant, scope).read_text())
-        return doc
-
+class Env(KeeperEnv):
     async def advance(self, seconds: float) -> None:
         """Move the clock by ``seconds``, waking every sleeper due meanwhile in order and
         letting the woken keepers run (and sleep again) before the clock moves on."""
@@ -251,16 +64,11 @@ class Env:
         await self.clock.advance(target - self.clock.monotonic())
         await settle()
 
-    async def close(self) -> None:
-        for k in self.keepers:
-            await k.stop()
-
 
 @pytest.fixture
 async def env(tmp_path: Path) -> AsyncIterator[Env]:
-    e = Env(tmp_path)
-    yield e
-    await e.close()
+    async with Env(tmp_path) as e:
+        yield e
 
 
 def mode_of(path: Path) -> int:
@@ -937,17 +745,6 @@ async def test_a_broken_output_is_retried_without_a_new_request(env: Env) -> Non
 # ---------------------------------------------------------------- stop
 
 
-def gated_save(env: Env, gate: asyncio.Event) -> Callable[..., Awaitable[Any]]:
-    """run_io that holds every state save until ``gate`` is set (a slow disk)."""
-
-    async def run_io(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        if fn == env.store.save:
-            await gate.wait()
-        return fn(*args, **kwargs)
-
-    return run_io
-
-
 async def test_stop_lets_a_token_being_saved_and_published_finish_first(env: Env) -> None:
     gate = asyncio.Event()
     env.rt.run_io = gated_save(env, gate)
@@ -999,8 +796,7 @@ async def test_next_attempt_at_follows_the_schedule_the_backoff_and_the_block(
     assert keeper.next_attempt_at == WALL0  # not started: due at once
 
     env.client.push(grant("1", expires_in=600.0))
-    env.keepers.append(keeper)
-    keeper.start()
+    env.launch(keeper)
     await settle()
     assert keeper.next_attempt_at == WALL0 + 300
     await env.advance(100.0)

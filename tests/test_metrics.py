@@ -1,36 +1,23 @@
 """Prometheus metrics over live keeper state, read from a fresh registry per test.
 
-Keepers are real, driven by a scripted fake token endpoint on a fake clock (see
-test_keeper.py for the full-size fakes), so each token set is in a state it reached the way
-it would in the daemon.
+Keepers are real, driven by a scripted fake token endpoint on a fake clock (fakes.py), so
+each token set is in a state it reached the way it would in the daemon.
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
+from fakes import PASSWORD, WALL0, KeeperEnv, grant, settle, transient, wrong_password
 from prometheus_client import CollectorRegistry, generate_latest
 
 from anybilld import __version__
-from anybilld.clock import FakeClock
-from anybilld.config import SCOPE_BASE, OutputTarget, RefreshSettings, Scope, TokenSetSpec
-from anybilld.errors import BlockReason, PermanentError, TransientError
-from anybilld.identity import Grant, TokenRequest
-from anybilld.keeper import Account, Keeper, Runtime, TokenState
+from anybilld.errors import BlockReason
+from anybilld.keeper import Keeper, TokenState
 from anybilld.metrics import Metrics
-from anybilld.secret import Secret
-from anybilld.state import StateStore
 
-WALL0 = 1_800_000_000.0
-PASSWORD = "pw-SECRET-metrics"
-REFRESH = RefreshSettings(
-    at=0.5, jitter=0.25, retry_initial=1.0, retry_max=64.0, blocked_retry=3600.0
-)
 TOKEN_SET_METRICS = (
     "anybilld_token_expiry_timestamp_seconds",
     "anybilld_token_last_success_timestamp_seconds",
@@ -39,138 +26,32 @@ TOKEN_SET_METRICS = (
     "anybilld_token_consecutive_failures",
 )
 
-Outcome = Grant | Exception
 
-
-class FakeTokenClient:
-    """Answers from a queue per username; with nothing queued a request stays in flight.
-
-    A refresh request names no user: it is matched to the user its refresh token was issued to.
-    """
-
-    def __init__(self) -> None:
-        self.queues: dict[str, deque[Outcome]] = {}
-        self.sent: list[str] = []
-        self._issued: dict[str, str] = {}  # refresh token -> username
-        self._more = asyncio.Event()
-
-    def push(self, username: str, *outcomes: Outcome) -> None:
-        self.queues.setdefault(username, deque()).extend(outcomes)
-        self._more.set()
-
-    async def request(self, req: TokenRequest, *, timeout: float) -> Grant:
-        user = req.form.get("username") or self._issued[req.form["refresh_token"]]
-        self.sent.append(req.grant)
-        queue = self.queues.setdefault(user, deque())
-        while not queue:
-            self._more.clear()
-            await self._more.wait()
-        outcome = queue.popleft()
-        if isinstance(outcome, Exception):
-            raise outcome
-        if outcome.refresh_token is not None:
-            self._issued[outcome.refresh_token.reveal()] = user
-        return outcome
-
-
-def grant(name: str) -> Grant:
-    return Grant(
-        access_token=Secret(f"AT-{name}"),
-        expires_in=3600.0,
-        refresh_token=Secret(f"RT-{name}"),
-        refresh_token_expires_in=86400.0,
-    )
-
-
-def wrong_password() -> PermanentError:
-    return PermanentError(
-        "rejected (credentials)", reason=BlockReason.CREDENTIALS, code="AADB2C90225"
-    )
-
-
-async def run_inline(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    return fn(*args, **kwargs)
-
-
-async def settle(rounds: int = 200) -> None:
-    for _ in range(rounds):
-        await asyncio.sleep(0)
-
-
-class Env:
+class Env(KeeperEnv):
     def __init__(self, tmp: Path) -> None:
-        self.out = tmp / "out"
-        self.out.mkdir()
-        store = StateStore(tmp / "state")
-        store.prepare()
-        self.clock = FakeClock(wall=WALL0)
-        self.client = FakeTokenClient()
+        super().__init__(tmp)
         self.registry = CollectorRegistry()
-        self.keepers: list[Keeper] = []
         self.metrics = Metrics(self.registry, lambda: self.keepers)
-        self.rt = Runtime(
-            client=self.client,
-            store=store,
-            clock=self.clock,
-            output_root=self.out,
-            uniform=lambda a, b: (a + b) / 2,
-            run_io=run_inline,
-            on_file_write=self.metrics.observe_file_write,
-        )
-        self._all: list[Keeper] = []
-
-    def spec(self, merchant: str, scope: str = "bill", password: str = PASSWORD) -> TokenSetSpec:
-        return TokenSetSpec(
-            merchant=merchant,
-            scope=Scope(name=scope, uri=SCOPE_BASE + scope),
-            username=merchant,
-            password=Secret(password),
-            client_id="client-A",
-            token_url="https://idp.invalid/t",
-            policy="b2c_1_ropc_vendor",
-            timeout=10.0,
-            outputs=(
-                OutputTarget(
-                    path=self.out / merchant / f"{scope}.json",
-                    format="json",
-                    mode=0o640,
-                    group=None,
-                ),
-            ),
-            refresh=REFRESH,
-        )
-
-    def start(self, merchant: str, *outcomes: Outcome) -> Keeper:
-        self.client.push(merchant, *outcomes)
-        keeper = Keeper(self.spec(merchant), Account(), self.rt)
-        self.keepers.append(keeper)
-        self._all.append(keeper)
-        keeper.start()
-        return keeper
+        self.rt.on_file_write = self.metrics.observe_file_write
 
     def value(self, name: str, **labels: str) -> float | None:
         return self.registry.get_sample_value(name, labels)
 
-    async def close(self) -> None:
-        for k in self._all:
-            await k.stop()
-
 
 @pytest.fixture
 async def env(tmp_path: Path) -> AsyncIterator[Env]:
-    e = Env(tmp_path)
-    yield e
-    await e.close()
+    async with Env(tmp_path) as e:
+        yield e
 
 
 @pytest.fixture
 async def fleet(env: Env) -> dict[str, Keeper]:
     """One token set in each state."""
     keepers = {
-        "ok": env.start("m-ok", grant("ok")),
-        "pending": env.start("m-pending"),  # its login stays in flight
-        "retrying": env.start("m-retrying", TransientError("unavailable", status=503)),
-        "blocked": env.start("m-blocked", wrong_password()),
+        "ok": env.start_merchant("m-ok", grant("ok")),
+        "pending": env.start_merchant("m-pending"),  # its login stays in flight
+        "retrying": env.start_merchant("m-retrying", transient()),
+        "blocked": env.start_merchant("m-blocked", wrong_password()),
     }
     await settle()
     for state, keeper in keepers.items():
@@ -202,7 +83,7 @@ async def test_token_set_gauges_read_the_keepers_live_state(
         )
 
     # Live: the gauge follows a refresh without anyone updating it.
-    env.client.push("m-ok", grant("ok2"))
+    env.push("m-ok", grant("ok2"))
     await env.clock.advance(1800.0)
     await settle()
     assert env.value("anybilld_token_expiry_timestamp_seconds", **labels) == WALL0 + 1800 + 3600
@@ -223,7 +104,7 @@ async def test_blocked_has_a_series_only_while_blocked_with_the_reason(
 
     # A new password lifts the block; once logged in, the series is gone.
     keeper = fleet["blocked"]
-    env.client.push("m-blocked", grant("b"))
+    env.push("m-blocked", grant("b"))
     keeper.update(env.spec("m-blocked", password="pw-new"))
     await settle()
     assert keeper.state == TokenState.OK
@@ -235,7 +116,7 @@ async def test_token_sets_counts_every_state(env: Env, fleet: dict[str, Keeper])
     for state in TokenState:
         assert env.value("anybilld_token_sets", state=state.value) == 1
 
-    env.client.push("m-pending", grant("p"))
+    env.push("m-pending", grant("p"))
     await settle()
     assert env.value("anybilld_token_sets", state="ok") == 2
     assert env.value("anybilld_token_sets", state="pending") == 0
@@ -286,7 +167,7 @@ async def test_counters_start_at_zero_and_count(env: Env) -> None:
     )
 
     # The keeper reports its file writes through the runtime's hook.
-    env.start("m-ok", grant("ok"))
+    env.start_merchant("m-ok", grant("ok"))
     await settle()
     assert env.value("anybilld_token_file_writes_total", outcome="success") == 1
 

@@ -1,20 +1,20 @@
 """The set of keepers: the pure config diff, and applying configs to running keepers.
 
-Keepers run against a scripted fake token endpoint on a fake clock (see test_keeper.py for
-the full-size fakes); files and state are real, under ``tmp_path``.
+Keepers run against a scripted fake token endpoint (fakes.py) that answers every request
+at once with a fresh grant, on a fake clock; files and state are real, under ``tmp_path``.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
+from fakes import REFRESH, KeeperEnv, gated_save, json_output, make_spec, settle
 
-from anybilld.clock import FakeClock
 from anybilld.config import (
     SCOPE_BASE,
     Config,
@@ -22,55 +22,12 @@ from anybilld.config import (
     Merchant,
     OnRemove,
     OutputSpec,
-    OutputTarget,
-    RefreshSettings,
     Scope,
     TokenSetSpec,
 )
-from anybilld.identity import Grant, TokenRequest
-from anybilld.keeper import Runtime, TokenState
+from anybilld.keeper import TokenState
 from anybilld.secret import Secret
-from anybilld.state import StateStore
 from anybilld.supervisor import Key, Supervisor, diff
-
-REFRESH = RefreshSettings(
-    at=0.5, jitter=0.25, retry_initial=1.0, retry_max=64.0, blocked_retry=3600.0
-)
-
-
-class FakeTokenClient:
-    """Answers every request at once with a fresh grant; records (grant, username, scope).
-
-    A refresh request names no user: it is recorded with the user its token was issued to.
-    """
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, str, str]] = []
-        self._issued: dict[str, str] = {}  # refresh token -> username
-        self._n = 0
-
-    async def request(self, req: TokenRequest, *, timeout: float) -> Grant:
-        scope = req.form["scope"].split()[0].rsplit("/", 1)[-1]
-        user = req.form.get("username") or self._issued[req.form["refresh_token"]]
-        self.sent.append((req.grant, user, scope))
-        self._n += 1
-        refresh = f"RT-{self._n}"
-        self._issued[refresh] = user
-        return Grant(
-            access_token=Secret(f"AT-{self._n}"),
-            expires_in=3600.0,
-            refresh_token=Secret(refresh),
-            refresh_token_expires_in=86400.0,
-        )
-
-
-async def run_inline(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    return fn(*args, **kwargs)
-
-
-async def settle(rounds: int = 200) -> None:
-    for _ in range(rounds):
-        await asyncio.sleep(0)
 
 
 def merchant(mid: str, *scopes: str, password: str = "pw-SECRET") -> Merchant:
@@ -82,24 +39,9 @@ def merchant(mid: str, *scopes: str, password: str = "pw-SECRET") -> Merchant:
     )
 
 
-class Env:
+class Env(KeeperEnv):
     def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.clock = FakeClock()
-        self.client = FakeTokenClient()
-        self.out = tmp / "out"
-        self.out.mkdir()
-        self.state_dir = tmp / "state"
-        self.store = StateStore(self.state_dir)
-        self.store.prepare()
-        self.rt = Runtime(
-            client=self.client,
-            store=self.store,
-            clock=self.clock,
-            output_root=self.out,
-            uniform=lambda a, b: (a + b) / 2,
-            run_io=run_inline,
-        )
+        super().__init__(tmp, auto=True)
         self.sup = Supervisor(self.rt)
 
     def config(
@@ -119,48 +61,26 @@ class Env:
             merchants=merchants,
         )
 
-    def token_file(self, m: str, scope: str) -> Path:
-        return self.out / m / f"{scope}.json"
-
-    def state_file(self, m: str, scope: str) -> Path:
-        return self.store.path(m, scope)
+    async def close(self) -> None:
+        await self.sup.stop(timeout=5.0)
+        await super().close()
 
 
 @pytest.fixture
 async def env(tmp_path: Path) -> AsyncIterator[Env]:
-    e = Env(tmp_path)
-    yield e
-    await e.sup.stop(timeout=5.0)
+    async with Env(tmp_path) as e:
+        yield e
 
 
 # ---------------------------------------------------------------- diff (pure)
 
 
 def spec(
-    m: str = "berlin-01",
-    scope: str = "bill",
-    *,
-    password: str = "pw",
-    client_id: str = "client-A",
-    path: str | None = None,
-    refresh: RefreshSettings = REFRESH,
+    m: str = "berlin-01", scope: str = "bill", *, path: str | None = None, **kw: Any
 ) -> TokenSetSpec:
-    return TokenSetSpec(
-        merchant=m,
-        scope=Scope(name=scope, uri=SCOPE_BASE + scope),
-        username=f"svc-{m}",
-        password=Secret(password),
-        client_id=client_id,
-        token_url="https://idp.invalid/t",
-        policy="b2c_1_ropc_vendor",
-        timeout=10.0,
-        outputs=(
-            OutputTarget(
-                path=Path(path or f"/out/{m}/{scope}.json"), format="json", mode=0o640, group=None
-            ),
-        ),
-        refresh=refresh,
-    )
+    """A spec as the config loader builds it, its output under /out unless ``path``."""
+    outputs = None if path is None else (json_output(Path(path)),)
+    return make_spec(Path("/out"), m, scope, outputs=outputs, **kw)
 
 
 def running(*specs: TokenSetSpec) -> dict[Key, TokenSetSpec]:
@@ -245,7 +165,7 @@ async def test_apply_starts_one_keeper_per_token_set(env: Env) -> None:
         ("hh", "bill"),
     ]
     assert len(d.added) == 3
-    assert sorted(env.client.sent) == [
+    assert sorted((s.grant, s.username, s.scope) for s in env.client.sent) == [
         ("password", "svc-berlin-01", "bill"),
         ("password", "svc-berlin-01", "store"),
         ("password", "svc-hh", "bill"),
@@ -312,7 +232,7 @@ async def test_removing_a_merchant_stops_its_keepers_and_handles_files_per_on_re
     # and nothing of the removed token sets comes back.
     await env.clock.advance(7200.0)
     await settle()
-    assert {user for _, user, _ in env.client.sent[sent:]} == {"svc-berlin-01"}
+    assert {s.username for s in env.client.sent[sent:]} == {"svc-berlin-01"}
     assert all(not p.exists() for p in hh_files) == (on_remove == "delete")
 
 
@@ -343,17 +263,8 @@ async def test_a_changed_password_logs_in_again_in_the_same_keeper(env: Env) -> 
     await env.sup.apply(env.config(merchant("berlin-01", "bill", password="pw-new")))
     await settle()
     assert env.sup.keepers["berlin-01", "bill"] is keeper
-    assert [g for g, _, _ in env.client.sent] == ["password", "password"]
+    assert env.client.grants == ["password", "password"]
     assert keeper.state == TokenState.OK
-
-
-def gated_save(env: Env, gate: asyncio.Event) -> Callable[..., Awaitable[Any]]:
-    async def run_io(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        if fn == env.store.save:
-            await gate.wait()
-        return fn(*args, **kwargs)
-
-    return run_io
 
 
 async def test_a_token_set_removed_while_its_token_is_being_saved_leaves_nothing(

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from daemon_process import DaemonProcess, merchant, wait_for
-from emulator_process import EmulatorProcess
+from emulator_process import EmulatorProcess, emulator_factory  # noqa: F401
 
 MERCHANTS = [
     ("berlin", "svc-berlin", "berlin-Pa55", ["bill", "store"]),
@@ -33,19 +33,16 @@ FAST_REFRESH = {
 
 
 @pytest.fixture
-def make_emulator(tmp_path: Path) -> Iterator[Callable[..., EmulatorProcess]]:
-    started: list[EmulatorProcess] = []
+def make_emulator(
+    emulator_factory: Callable[..., EmulatorProcess],  # noqa: F811
+) -> Callable[..., EmulatorProcess]:
+    """``emulator_factory`` for the users of MERCHANTS; ``settings`` go into the config."""
 
     def make(**settings: Any) -> EmulatorProcess:
         users = [{"username": u, "password": p} for _, u, p, _ in MERCHANTS]
-        config = {"users": users, **settings}
-        emu = EmulatorProcess(config, tmp_dir=tmp_path / f"emulator-{len(started)}")
-        started.append(emu)
-        return emu
+        return emulator_factory({"users": users, **settings})
 
-    yield make
-    for emu in started:
-        emu.stop()
+    return make
 
 
 @pytest.fixture
@@ -463,3 +460,75 @@ def test_config_errors_at_start_exit_2_naming_file_and_line(tmp_path: Path) -> N
     run = d.run()
     assert run.returncode == 2 and "merchants[0].id" in run.stderr
     d.check_no_secrets()
+
+
+def test_a_block_survives_restarts_and_cron_runs_until_the_secret_changes(
+    tmp_path: Path, make_emulator: Callable[..., EmulatorProcess], daemons: list[DaemonProcess]
+) -> None:
+    emu = make_emulator(access_token_lifetime=3600)
+    secret = tmp_path / "berlin.secret"
+    secret.write_text("wrong-Pa55\n")
+    config = one_merchant(emu)
+    config["merchants"] = [
+        {
+            "id": "berlin",
+            "username": "svc-berlin",
+            "password_file": str(secret),
+            "scopes": ["bill", "store"],
+        }
+    ]
+    passwords = ["berlin-Pa55", "wrong-Pa55"]
+    folder = tmp_path / "d"
+    d = start(daemons, folder, config, passwords=passwords)
+    wait_for(lambda: all(t["state"] == "blocked" for t in d.token_sets().values()))
+    assert d.stop() == 0
+
+    # Neither a restart nor a cron job of --once runs tries the refused password again.
+    d2 = start(daemons, folder, config, passwords=passwords)
+    sets = d2.token_sets()
+    wait_for(lambda: all(t["state"] == "blocked" for t in d2.token_sets().values()))
+    sets = d2.token_sets()
+    assert {t["blocked_reason"] for t in sets.values()} == {"credentials"}
+    assert d2.stop() == 0
+    assert d2.run("--once").returncode == 1
+    assert d2.run("--once").returncode == 1
+    assert len(password_grants(emu, "svc-berlin")) == 1
+    user = next(u for u in emu.users() if u["username"] == "svc-berlin")
+    assert user["failed_attempts"] == 1
+
+    # The operator fixes the secret: the block is lifted at once, without waiting an hour.
+    secret.write_text("berlin-Pa55\n")
+    once = d2.run("--once")
+    assert once.returncode == 0, once.stderr
+    assert [r["status"] for r in password_grants(emu, "svc-berlin")] == [400, 200, 200]
+    d2.check_no_secrets()
+
+
+def test_a_vanished_output_dir_is_reported_and_healed_without_a_new_login(
+    tmp_path: Path, make_emulator: Callable[..., EmulatorProcess], daemons: list[DaemonProcess]
+) -> None:
+    emu = make_emulator(access_token_lifetime=4)
+    d = start(daemons, tmp_path / "d", one_merchant(emu))
+    wait_for(lambda: d.read_json("berlin", "bill"), what="the token file")
+    key = '{merchant="berlin",scope="bill"}'
+    published = d.metrics()[f"anybilld_token_expiry_timestamp_seconds{key}"]
+
+    import shutil
+
+    shutil.rmtree(d.output_dir)  # an unmounted volume, an over-eager clean-up job
+    wait_for(lambda: d.metrics()[f"anybilld_token_output_failing{key}"] == 1)
+    status = d.token_sets()[("berlin", "bill")]
+    assert status["output_error"] and str(d.output_dir) in status["output_error"]
+    # The daemon does not recreate output_dir (it may be a mount point), and the expiry it
+    # exports stays that of the token consumers really have.
+    assert not d.output_dir.exists()
+    assert d.metrics()[f"anybilld_token_expiry_timestamp_seconds{key}"] == published
+    assert "could not publish token" in d.log()
+
+    d.output_dir.mkdir()
+    wait_for(lambda: d.read_json("berlin", "bill"), what="the file written again")
+    wait_for(lambda: d.metrics()[f"anybilld_token_output_failing{key}"] == 0)
+    doc = d.read_json("berlin", "bill")
+    assert doc is not None and emu.introspect(doc["access_token"])["active"]
+    assert len(password_grants(emu)) == 1
+    assert d.stop() == 0
