@@ -13,10 +13,11 @@ import asyncio
 import json
 import os
 import stat
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import replace
 from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fakes import (
@@ -700,6 +701,47 @@ async def test_update_during_a_request_in_flight_sends_no_second_request(env: En
     assert [s.password for s in env.client.sent] == [PASSWORD, "pw-new"]
     assert keeper.state == TokenState.OK
     assert env.token_doc()["access_token"] == "AT-new"
+
+
+async def test_a_password_fixed_while_the_refused_login_is_in_flight_logs_in_at_once(
+    env: Env,
+) -> None:
+    # An operator fixes a wrong password while the refused login is still on its way: the
+    # refusal of the old password must neither block the new one nor stall the loop.
+    keeper = env.start(env.spec(password="wrong"))
+    await settle()
+    keeper.update(env.spec(password="pw-new"))
+    env.client.push(wrong_password(), grant("new"))
+    await settle()
+    assert [s.password for s in env.client.sent] == ["wrong", "pw-new"]
+    assert keeper.state == TokenState.OK and keeper.block is None
+    assert env.token_doc()["access_token"] == "AT-new"
+
+
+async def test_a_reload_during_start_up_is_not_undone_by_the_stored_grant(env: Env) -> None:
+    env.client.push(grant("1"))
+    first = env.start()
+    await settle()
+    await first.stop()
+    # The next start reads the stored grant in a worker thread; a reload changes the
+    # password meanwhile: the stored refresh token must not be used for the new identity.
+    gate = asyncio.Event()
+
+    async def slow_load(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if fn == env.store.load:
+            await gate.wait()
+        return fn(*args, **kwargs)
+
+    env.rt.run_io = slow_load
+    keeper = env.start()
+    await settle()
+    keeper.update(env.spec(password="pw-new"))
+    gate.set()
+    env.client.push(grant("2"))
+    await settle()
+    assert env.client.grants == ["password", "password"]
+    assert env.client.sent[-1].password == "pw-new"
+    assert env.token_doc()["access_token"] == "AT-2"
 
 
 async def test_update_with_an_unchanged_spec_does_nothing(env: Env) -> None:
