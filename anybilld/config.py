@@ -774,11 +774,11 @@ class _Loader:
                     writers.setdefault(str(target.path), []).append((who, origin.merchant, pv))
 
         def describe_writer(who: str, mv: Value, pv: Value | None) -> str:
+            # Each place with its own line: the merchant's, and the output path's (which
+            # for default outputs is shared by every merchant).
             if pv is None:  # the built-in default output
-                return f"{who} ({mv.where})"
-            if pv.doc.file == mv.doc.file:
-                return f"{who} ({mv.where}, {pv.path})"
-            return f"{who} ({mv.where}, {pv.path} at {pv.where})"
+                return f"{who} (merchant at {mv.where})"
+            return f"{who} (merchant at {mv.where}, {pv.path} at {pv.where})"
 
         root = str(config.output_dir)
         for path, ws in writers.items():

@@ -879,8 +879,8 @@ def test_two_token_sets_writing_one_file(tmp_path: Path) -> None:
     (p,) = problems_of(path)
     assert (p.line, p.key_path) == (5, "outputs[0].path")
     assert "2 token sets write the same file /out/bill.json" in p.message
-    assert f"a/bill ({path}:8, outputs[0].path)" in p.message
-    assert f"b/bill ({path}:12, outputs[0].path)" in p.message
+    assert f"a/bill (merchant at {path}:8, outputs[0].path at {path}:5)" in p.message
+    assert f"b/bill (merchant at {path}:12, outputs[0].path at {path}:5)" in p.message
 
 
 def test_override_colliding_with_default_outputs(tmp_path: Path) -> None:
