@@ -180,6 +180,7 @@ class Keeper:
         self._restart = asyncio.Event()  # identity changed or block lifted: act now
         self._task: asyncio.Task[None] | None = None
         self._persisting: asyncio.Future[None] | None = None
+        self._attempt_spec = spec  # the spec of the attempt under way or last made
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -256,7 +257,7 @@ class Keeper:
                     continue
                 if once:
                     return
-                wake_at = min(self._due, self._republish_at or math.inf)
+                wake_at = min(self._due, self._next_flush())
                 await self._sleep(wake_at - now, self._wake, self._restart)
         except asyncio.CancelledError:
             raise
@@ -280,6 +281,9 @@ class Keeper:
             for t in tasks:
                 t.cancel()
 
+    def _next_flush(self) -> float:
+        return math.inf if self._republish_at is None else self._republish_at
+
     async def _backoff_sleep(self, delay: float) -> None:
         """Tenacity's sleep between attempts: cut short only by an identity change or a
         lifted block, but it writes files that fall due meanwhile (new outputs from a
@@ -292,7 +296,7 @@ class Keeper:
                 await self._flush()
             if now >= end or self._restart.is_set():
                 return
-            wake_at = min(end, self._republish_at or math.inf)
+            wake_at = min(end, self._next_flush())
             await self._sleep(wake_at - now, self._restart, self._wake)
 
     # ----------------------------------------------------------------- start-up
@@ -384,6 +388,7 @@ class Keeper:
 
     async def _obtain(self) -> None:
         spec = self.spec  # read anew on every attempt: a reload may have replaced it
+        self._attempt_spec = spec
         self._restart.clear()
         if self._refresh is not None and not self._refresh_expired():
             try:
@@ -469,6 +474,11 @@ class Keeper:
         self._fail(exc, TokenState.RETRYING, f"will retry in {delay:.1f}s")
 
     async def _on_permanent(self, exc: PermanentError) -> None:
+        if self._attempt_spec.login_fingerprint() != self.spec.login_fingerprint():
+            # Refused credentials that a reload has replaced meanwhile: nothing to block;
+            # the loop logs in with the new ones at once.
+            self._log(logging.INFO, f"refused ({exc.reason.value}) with the replaced identity")
+            return
         account_block = self.account.blocked(self.spec, self.rt.clock.monotonic())
         if exc.reason.whole_merchant and account_block is not None:
             until = account_block.until

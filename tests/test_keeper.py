@@ -718,6 +718,20 @@ async def test_a_password_fixed_while_the_refused_login_is_in_flight_logs_in_at_
     assert env.token_doc()["access_token"] == "AT-new"
 
 
+async def test_a_refusal_of_replaced_credentials_blocks_nothing(env: Env) -> None:
+    keeper = env.start(env.spec(password="wrong"))
+    await settle()
+    keeper.update(env.spec(password="pw-new"))
+    # The old password's refusal arrives, then the new one meets an outage.
+    env.client.push(wrong_password(), transient())
+    await settle()
+    assert [s.password for s in env.client.sent] == ["wrong", "pw-new"]
+    assert keeper.state == TokenState.RETRYING and keeper.block is None
+    # Nothing on disk would block the new password after a restart either.
+    state = env.state_file("berlin-01", "bill")
+    assert not state.exists() or json.loads(state.read_text())["blocked_until"] is None
+
+
 async def test_a_reload_during_start_up_is_not_undone_by_the_stored_grant(env: Env) -> None:
     env.client.push(grant("1"))
     first = env.start()
