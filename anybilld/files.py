@@ -442,19 +442,25 @@ def _unchanged(path: Path, data: bytes, mode: int, gid: int) -> bool:
             or st.st_size != len(data)
         ):
             return False
-        chunks = []
-        left = len(data) + 1  # one more byte than expected shows a file that grew meanwhile
-        while left > 0:
-            chunk = os.read(fd, left)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            left -= len(chunk)
-        return b"".join(chunks) == data
+        # One more byte than expected shows a file that grew meanwhile.
+        return read_at_most(fd, len(data) + 1) == data
     except OSError:
         return False
     finally:
         _close_quietly(fd)
+
+
+def read_at_most(fd: int, limit: int) -> bytes:
+    """Up to ``limit`` bytes from ``fd``, looping over short reads; fewer only at EOF."""
+    chunks = []
+    left = limit
+    while left > 0:
+        chunk = os.read(fd, left)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
 
 
 def _write_all(fd: int, data: bytes) -> None:

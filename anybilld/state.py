@@ -212,19 +212,12 @@ def _read_limited(path: Path) -> bytes:
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise _CorruptState("not a regular file")
-        chunks = []
-        left = _MAX_SIZE + 1
-        while left > 0:
-            chunk = os.read(fd, left)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            left -= len(chunk)
+        raw = files.read_at_most(fd, _MAX_SIZE + 1)
     finally:
         os.close(fd)
-    if left <= 0:
+    if len(raw) > _MAX_SIZE:
         raise _CorruptState(f"larger than {_MAX_SIZE} bytes")
-    return b"".join(chunks)
+    return raw
 
 
 class _CorruptState(Exception):
