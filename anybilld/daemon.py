@@ -120,7 +120,7 @@ class Daemon:
                 log.error("cannot listen on %s:%d: %s", config.listen_host, config.listen_port, exc)
                 return 1
             diff = await supervisor.apply(config)
-            metrics.config_loaded(True, self.clock.time())
+            metrics.config_loaded(True, self.clock.time(), reload=False)
             log.info(
                 "anybilld started: %d token sets, listening on http://%s:%d",
                 len(diff.added),
@@ -202,6 +202,23 @@ class Daemon:
             self._metrics.config_loaded(False, self.clock.time())
             self._last_reload_ok = False
         else:
+            moved = [
+                key
+                for key in ("output_dir", "state_dir")
+                if getattr(config, key) != getattr(self.config, key)
+            ]
+            if moved:
+                # Moving every token file and grant at once is a migration, not a reload:
+                # half-applied, consumers would read stale files from the old place.
+                log.error(
+                    "reload refused, keeping the running config: a new %s takes effect "
+                    "only after a restart",
+                    " and ".join(moved),
+                )
+                self._metrics.config_loaded(False, self.clock.time())
+                self._last_reload_ok = False
+                self.notifier.ready(self._status_line())
+                return
             if (config.listen_host, config.listen_port) != (
                 self.config.listen_host,
                 self.config.listen_port,

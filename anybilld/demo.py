@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import secrets
 import shutil
 import sys
@@ -72,6 +73,7 @@ async def run_demo(folder: Path) -> int:
     await daemon.started.wait()
     if daemon.listen_address is not None:
         lhost, lport = daemon.listen_address
+        command = _own_command()
         print(
             f"""
 anybilld demo is running (Ctrl-C stops it).
@@ -79,7 +81,7 @@ anybilld demo is running (Ctrl-C stops it).
   config:                    {config_path}
   token files:               {folder / "tokens"}/<merchant>/<scope>.json|.env|.header
   metrics:                   http://{lhost}:{lport}/metrics
-  status:                    anybilld status --url http://{lhost}:{lport}
+  status:                    {command} status --url http://{lhost}:{lport}
                              (or: curl http://{lhost}:{lport}/status)
 Tokens live {ACCESS_LIFETIME} s and are refreshed at about half their lifetime.
 """,
@@ -89,6 +91,11 @@ Tokens live {ACCESS_LIFETIME} s and are refreshed at about half their lifetime.
         return await task
     finally:
         await server.close()
+
+
+def _own_command() -> str:
+    """How this very command was called: .venv/bin/anybilld after `make demo`."""
+    return os.path.relpath(sys.argv[0]) if sys.argv[0].endswith("anybilld") else "anybilld"
 
 
 def demo_main(argv: list[str]) -> int:

@@ -137,6 +137,11 @@ def parse_retry_after(value: str | None, *, now: float) -> float | None:
     return min(max(0.0, when.timestamp() - now), RETRY_AFTER_CAP)
 
 
+# Far above anything B2C issues (access tokens live at most a day, refresh tokens at most
+# 90 days), and far below what would overflow a date: a larger lifetime is garbage.
+MAX_LIFETIME = 10 * 365 * 86400
+
+
 def _number(answer: Mapping[str, object], key: str, *, required: bool) -> float | None:
     """A positive integer that B2C may send as a JSON int or as a string of digits."""
     value = answer.get(key)
@@ -154,6 +159,8 @@ def _number(answer: Mapping[str, object], key: str, *, required: bool) -> float 
         raise TransientError(f"malformed answer: {key} is not an integer")
     if number <= 0:
         raise TransientError(f"malformed answer: {key} is not positive")
+    if number > MAX_LIFETIME:
+        raise TransientError(f"malformed answer: {key} is implausibly large")
     return float(number)
 
 
@@ -300,10 +307,15 @@ class IdentityClient:
     async def request(self, req: TokenRequest, *, timeout: float) -> Grant:
         """Send one grant request; return the grant or raise an IdentityError subclass."""
         async with self._slots:
-            pause = self._paused_until - self._clock.monotonic()
-            if pause > 0:
-                await self._clock.sleep(pause)
-            await self._rate.acquire()
+            # Checked again after every wait: a throttle answer may arrive while this
+            # request waits for its rate slot, and then it must wait the pause out too.
+            while True:
+                pause = self._paused_until - self._clock.monotonic()
+                if pause > 0:
+                    await self._clock.sleep(pause)
+                await self._rate.acquire()
+                if self._paused_until <= self._clock.monotonic():
+                    break
             started = time.perf_counter()
             outcome = "success"
             try:

@@ -20,6 +20,7 @@ and the log show. The published files are only ever replaced by a newer valid to
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import logging
@@ -64,6 +65,10 @@ T = TypeVar("T")
 ONCE_ATTEMPTS = 3
 
 
+class _Stopping(Exception):
+    """Raised between attempts when the keeper is stopping; ends a renewal quietly."""
+
+
 class TokenState(StrEnum):
     PENDING = "pending"  # no token yet
     OK = "ok"  # a valid token, nothing failing
@@ -93,11 +98,16 @@ class Runtime:
 class _Block:
     error: PermanentError
     until: float  # monotonic
-    credentials: tuple[str, str]  # whose credentials were refused
+    earned_by: TokenSetSpec  # the spec whose request was refused
+
+    @property
+    def credentials(self) -> tuple[str, str, str]:
+        return _credentials(self.earned_by)
 
 
-def _credentials(spec: TokenSetSpec) -> tuple[str, str]:
-    return (spec.grant_fingerprint(), spec.password.fingerprint())
+def _credentials(spec: TokenSetSpec) -> tuple[str, str, str]:
+    """Who is signing in, as the IdP counts lockouts: usernames are case-insensitive."""
+    return (spec.token_url, spec.username.casefold(), spec.password.fingerprint())
 
 
 @functools.lru_cache(maxsize=4096)
@@ -178,6 +188,7 @@ class Keeper:
         self._state_dirty = False  # the state file lags behind what is held in memory
         self._wake = asyncio.Event()  # something changed: recompute what is due
         self._restart = asyncio.Event()  # identity changed or block lifted: act now
+        self._stopping = asyncio.Event()  # finish the request under way, then end
         self._task: asyncio.Task[None] | None = None
         self._persisting: asyncio.Future[None] | None = None
         self._attempt_spec = spec  # the spec of the attempt under way or last made
@@ -192,10 +203,19 @@ class Keeper:
         name = f"keeper {self.spec.merchant}/{self.spec.scope.name}"
         self._task = asyncio.create_task(self.run(once=once), name=name)
 
-    async def stop(self) -> None:
-        """Cancel the task; a token being saved and published finishes first (shielded)."""
+    async def stop(self, grace: float = 0.0) -> None:
+        """End the task: a request under way may finish within ``grace`` seconds, then the
+        task is cancelled; a token being saved and published always finishes (shielded).
+
+        The grace matters for single-use refresh tokens: a refresh cancelled after the IdP
+        answered has spent the old token, and the next start would need the password.
+        """
         if self._task is None:
             return
+        self._stopping.set()
+        if grace > 0 and not self._task.done():
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError, Exception):
+                await asyncio.wait_for(asyncio.shield(self._task), grace)
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
         if self._persisting is not None:
@@ -238,32 +258,52 @@ class Keeper:
     # ----------------------------------------------------------------- the loop
 
     async def run(self, *, once: bool = False) -> None:
-        try:
-            await self._restore()
-            while True:
-                self._wake.clear()
-                now = self.rt.clock.monotonic()
-                if self._restart.is_set():
-                    # An identity change or a lifted block arrived while something else
-                    # (a request, the start-up) was running and may have moved _due since.
-                    self._restart.clear()
-                    self._due = min(self._due, now)
-                if self._republish_at is not None and self._republish_at <= now:
-                    await self._flush()
-                if self._due <= now:
-                    await self._renew(stop=stop_after_attempt(ONCE_ATTEMPTS) if once else None)
-                    if once:
-                        return
-                    continue
+        """The task's body: never raises; a bug restarts the token set after a backoff."""
+        crashes = 0
+        while not self._stopping.is_set():
+            try:
+                await self._run(once=once)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a bug; the other token sets must not notice
+                crashes += 1
+                self.consecutive_failures += 1
+                self.state_error = f"internal error: {type(exc).__name__}; restarting"
+                self._log(
+                    logging.CRITICAL,
+                    "keeper failed unexpectedly; starting it again",
+                    error=type(exc).__name__,
+                    crashes=crashes,
+                )
+                log.debug("keeper failure details", exc_info=True)
                 if once:
                     return
-                wake_at = min(self._due, self._next_flush())
-                await self._sleep(wake_at - now, self._wake, self._restart)
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # a bug; the process keeps serving the other token sets
-            self._log(logging.CRITICAL, "keeper crashed; this token set is no longer kept")
-            log.exception("keeper crash details")
+                r = self.spec.refresh
+                window = wait_full_jitter(r.retry_initial, r.retry_max).window(crashes)
+                await self._sleep(window, self._stopping, self._restart)
+
+    async def _run(self, *, once: bool) -> None:
+        await self._restore()
+        while not self._stopping.is_set():
+            self._wake.clear()
+            now = self.rt.clock.monotonic()
+            if self._restart.is_set():
+                # An identity change or a lifted block arrived while something else (a
+                # request, the start-up) was running and may have moved _due since.
+                self._restart.clear()
+                self._due = min(self._due, now)
+            if self._republish_at is not None and self._republish_at <= now:
+                await self._flush()
+            if self._due <= now:
+                await self._renew(stop=stop_after_attempt(ONCE_ATTEMPTS) if once else None)
+                if once:
+                    return
+                continue
+            if once:
+                return
+            wake_at = min(self._due, self._next_flush())
+            await self._sleep(wake_at - now, self._wake, self._restart, self._stopping)
 
     async def _sleep(self, delay: float, *events: asyncio.Event) -> None:
         """Sleep on the injected clock, returning early when any of ``events`` is set.
@@ -294,10 +334,10 @@ class Keeper:
             now = self.rt.clock.monotonic()
             if self._republish_at is not None and self._republish_at <= now:
                 await self._flush()
-            if now >= end or self._restart.is_set():
+            if now >= end or self._restart.is_set() or self._stopping.is_set():
                 return
             wake_at = min(end, self._next_flush())
-            await self._sleep(wake_at - now, self._restart, self._wake)
+            await self._sleep(wake_at - now, self._restart, self._wake, self._stopping)
 
     # ----------------------------------------------------------------- start-up
 
@@ -353,7 +393,7 @@ class Keeper:
             "blocked before the restart", reason=BlockReason(reason), code=stored.blocked_code
         )
         until = now_mono + (until_wall - now_wall)
-        self.block = _Block(error=error, until=until, credentials=_credentials(self.spec))
+        self.block = _Block(error=error, until=until, earned_by=self.spec)
         if error.reason.whole_merchant:
             self.account.block = self.block
         self._due = until
@@ -381,12 +421,16 @@ class Keeper:
         )
         try:
             await retrying(self._obtain)
+        except _Stopping:
+            pass
         except TransientError as exc:  # only with a stop: a --once run gave up
             self._fail(exc, TokenState.RETRYING)
         except PermanentError as exc:
             await self._on_permanent(exc)
 
     async def _obtain(self) -> None:
+        if self._stopping.is_set():
+            raise _Stopping
         spec = self.spec  # read anew on every attempt: a reload may have replaced it
         self._attempt_spec = spec
         self._restart.clear()
@@ -419,9 +463,7 @@ class Keeper:
             except PermanentError as exc:
                 if exc.reason.whole_merchant:
                     self.account.block = _Block(
-                        error=exc,
-                        until=now + spec.refresh.blocked_retry,
-                        credentials=_credentials(spec),
+                        error=exc, until=now + spec.refresh.blocked_retry, earned_by=spec
                     )
                 raise
 
@@ -484,7 +526,7 @@ class Keeper:
             until = account_block.until
         else:
             until = self.rt.clock.monotonic() + self.spec.refresh.blocked_retry
-        self.block = _Block(error=exc, until=until, credentials=_credentials(self.spec))
+        self.block = _Block(error=exc, until=until, earned_by=self._attempt_spec)
         self._due = until
         wait = until - self.rt.clock.monotonic()
         self._fail(
@@ -530,7 +572,7 @@ class Keeper:
                 "blocked_until": self.rt.clock.time() + wait,
                 "blocked_reason": block.error.reason.value,
                 "blocked_code": block.error.code,
-                "blocked_credentials": await self.rt.run_io(credentials_digest, spec),
+                "blocked_credentials": await self.rt.run_io(credentials_digest, block.earned_by),
             }
         return StoredGrant(
             fingerprint=spec.grant_fingerprint(),

@@ -19,7 +19,11 @@ def token_set_status(k: Keeper) -> dict[str, Any]:
     """One token set as /status shows it: state and times, no token, no password."""
 
     def ts(value: float | None) -> str | None:
-        return rfc3339(value) if value is not None else None
+        # A time no date can show must not take /status down for every token set.
+        try:
+            return rfc3339(value) if value is not None else None
+        except (ValueError, OverflowError, OSError):
+            return None
 
     err = k.last_error
     return {

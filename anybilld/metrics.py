@@ -153,8 +153,10 @@ class Metrics:
     def observe_file_write(self, ok: bool) -> None:
         self.file_writes.labels(outcome="success" if ok else "error").inc()
 
-    def config_loaded(self, ok: bool, now: float) -> None:
+    def config_loaded(self, ok: bool, now: float, *, reload: bool = True) -> None:
+        """Record a config load; the one at start-up is not counted as a reload."""
         self.reload_ok.set(1 if ok else 0)
-        self.reloads.labels(outcome="success" if ok else "failure").inc()
+        if reload:
+            self.reloads.labels(outcome="success" if ok else "failure").inc()
         if ok:
             self.reload_ok_time.set(now)

@@ -34,6 +34,9 @@ VERSION = 1
 FILE_MODE = 0o600
 DIR_MODE = 0o700
 
+# 9999-12-31T23:59:59Z: the last time a date can show; anything later is not a time.
+_LATEST_TIME = 253_402_300_799.0
+
 # A grant is about 5 KiB of JSON; anything far larger is not ours, and is not read whole.
 _MAX_SIZE = 64 * 1024
 
@@ -333,7 +336,7 @@ def _opt_time(doc: dict[str, object], key: str) -> float | None:
         result = float(value)
     except OverflowError:
         raise _CorruptState(f"field {key!r} is out of range") from None
-    if not math.isfinite(result) or result < 0:
+    if not math.isfinite(result) or result < 0 or result > _LATEST_TIME:
         raise _CorruptState(f"field {key!r} is not a time")
     return result
 

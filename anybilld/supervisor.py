@@ -64,7 +64,9 @@ class Supervisor:
         self.rt = rt
         self.on_remove: OnRemove = on_remove
         self.keepers: dict[Key, Keeper] = {}
-        self._accounts: dict[str, Account] = {}
+        # Keyed by the account, not the merchant id: two merchant entries sharing one
+        # service account share its lockout counter at the IdP, so they share a lock too.
+        self._accounts: dict[tuple[str, str], Account] = {}
         self._once = False
 
     def __iter__(self) -> Iterator[Keeper]:
@@ -89,14 +91,14 @@ class Supervisor:
                 await self.rt.run_io(self._remove_files, keeper.spec, stale)
             keeper.update(spec)
         for spec in d.added:
-            account = self._accounts.setdefault(spec.merchant, Account())
+            account = self._accounts.setdefault(_account_key(spec), Account())
             keeper = Keeper(spec, account, self.rt)
             self.keepers[spec.key] = keeper
             keeper.start(once=once)
-        live_merchants = {m for m, _ in self.keepers}
-        for merchant in list(self._accounts):
-            if merchant not in live_merchants:
-                del self._accounts[merchant]
+        live = {_account_key(k.spec) for k in self.keepers.values()}
+        for key in list(self._accounts):
+            if key not in live:
+                del self._accounts[key]
         return d
 
     async def wait_all(self) -> None:
@@ -104,11 +106,12 @@ class Supervisor:
         await asyncio.gather(*(k.wait() for k in self.keepers.values()))
 
     async def stop(self, timeout: float) -> None:
-        """Stop every keeper; a token being saved and published may finish first."""
+        """Stop every keeper: requests under way get most of ``timeout`` to finish (a
+        cancelled refresh may have spent a single-use refresh token), then are cancelled."""
         keepers = list(self.keepers.values())
         if not keepers:
             return
-        stopping = asyncio.gather(*(k.stop() for k in keepers))
+        stopping = asyncio.gather(*(k.stop(grace=timeout * 0.7) for k in keepers))
         try:
             await asyncio.wait_for(stopping, timeout)
         except TimeoutError:
@@ -136,6 +139,10 @@ class Supervisor:
                 remove_output(path, root=self.rt.output_root)
             except Exception as exc:
                 log.error("could not remove %s: %s", path, exc, extra=_fields(spec))
+
+
+def _account_key(spec: TokenSetSpec) -> tuple[str, str]:
+    return (spec.token_url, spec.username.casefold())
 
 
 def _fields(spec: TokenSetSpec) -> dict[str, object]:

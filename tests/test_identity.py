@@ -90,6 +90,8 @@ def test_success_accepts_numbers_as_ints_or_digit_strings(
         json.dumps({"access_token": "a b", "expires_in": 1}).encode(),
         ok(expires_in=1, token_type="mac"),
         ok(expires_in=1, refresh_token=["x"]),
+        ok(expires_in=10**12),  # would overflow any date; no IdP issues such a token
+        ok(expires_in=60, refresh_token="eyJr", refresh_token_expires_in="99999999999"),
     ],
 )
 def test_unusable_200_is_transient(body: bytes) -> None:
@@ -292,4 +294,47 @@ async def test_a_throttle_with_retry_after_pauses_every_request_of_the_client() 
     await clock.advance(5.01)
     grant = await other
     assert grant.expires_in == 60
+    await client.aclose()
+
+
+async def test_requests_waiting_for_a_rate_slot_also_wait_out_a_throttle() -> None:
+    import asyncio
+
+    clock = FakeClock()
+    sent_at: list[float] = []
+    answers = iter(
+        [httpx.Response(429, headers={"Retry-After": "10"}, content=b"slow down")]
+        + [httpx.Response(200, content=ok(expires_in="60"))] * 3
+    )
+
+    first_answer = asyncio.Event()
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        sent_at.append(clock.monotonic())
+        if len(sent_at) == 1:
+            await first_answer.wait()  # the 429 comes while the others queue for slots
+        return next(answers)
+
+    # One request per second: two more wait for their slots when the 429 arrives.
+    client = IdentityClient(
+        clock=clock, max_concurrent=4, max_per_second=1.0, transport=httpx.MockTransport(handler)
+    )
+    start = clock.monotonic()
+    calls = [
+        asyncio.ensure_future(client.request(password_request(spec(username=f"u{i}")), timeout=1))
+        for i in range(3)
+    ]
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert clock.sleeping == [1.0, 2.0]  # both queued in the rate limiter
+    first_answer.set()
+    for _ in range(20):
+        await asyncio.sleep(0)
+    await clock.advance(30.0)
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    assert isinstance(results[0], TransientError)
+    assert [round(t - start, 3) for t in sent_at[:1]] == [0.0]
+    # Nothing else went out before the Retry-After had passed.
+    assert all(t - start >= 10.0 for t in sent_at[1:]), sent_at
+    assert len(sent_at) == 3
     await client.aclose()

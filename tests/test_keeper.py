@@ -867,3 +867,59 @@ async def test_next_attempt_at_follows_the_schedule_the_backoff_and_the_block(
     assert env.client.grants == ["password", "refresh", "refresh", "password"]
     assert keeper.state == TokenState.BLOCKED
     assert keeper.next_attempt_at == WALL0 + 342 + REFRESH.blocked_retry
+
+
+# ---------------------------------------------------------------- stopping and crashing
+
+
+async def test_stop_lets_a_refresh_under_way_finish_within_the_grace(env: Env) -> None:
+    # A refresh cancelled after the IdP answered would have spent a single-use refresh
+    # token: a stop gives the request under way time to land, and saves its answer.
+    env.client.push(grant("1"))
+    keeper = env.start()
+    await settle()
+    await env.advance(1800.0)  # the refresh is now in flight, unanswered
+    assert env.client.grants == ["password", "refresh"]
+    stopping = asyncio.ensure_future(keeper.stop(grace=5.0))
+    await settle()
+    assert not stopping.done()
+    env.client.push(grant("2"))
+    await settle()
+    await stopping
+    stored = env.store.load("berlin-01", "bill")
+    assert stored is not None and stored.refresh_token == Secret("RT-2")
+    assert env.token_doc()["access_token"] == "AT-2"
+    assert env.client.grants == ["password", "refresh"]  # and nothing after the stop
+
+
+async def test_stop_without_grace_cancels_the_request_and_keeps_the_old_grant(env: Env) -> None:
+    env.client.push(grant("1"))
+    keeper = env.start()
+    await settle()
+    await env.advance(1800.0)
+    await keeper.stop()
+    stored = env.store.load("berlin-01", "bill")
+    assert stored is not None and stored.refresh_token == Secret("RT-1")
+    assert env.token_doc()["access_token"] == "AT-1"
+
+
+async def test_an_unexpected_error_restarts_the_token_set_after_a_backoff(env: Env) -> None:
+    failures = iter([RuntimeError("disk driver bug")])
+
+    async def flaky_io(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if fn == env.store.load:
+            for exc in failures:
+                raise exc
+        return fn(*args, **kwargs)
+
+    env.rt.run_io = flaky_io
+    env.client.push(grant("1"))
+    keeper = env.start()
+    await settle()
+    assert env.client.grants == []
+    assert keeper.consecutive_failures == 1 and keeper.state_error
+    # Restarted after the first backoff window (retry_initial), not never.
+    await env.advance(REFRESH.retry_initial)
+    assert env.client.grants == ["password"]
+    assert keeper.state == TokenState.OK and keeper.state_error is None
+    assert env.token_doc()["access_token"] == "AT-1"

@@ -171,6 +171,7 @@ CORRUPT: dict[str, bytes] = {
     "time-string": with_field(first_sign_in_at=REFRESH),
     "time-bool": with_field(obtained_at=True),
     "time-negative": with_field(obtained_at=-1),
+    "time-past-year-9999": with_field(access_token_expires_at=1e12),
     "time-null": with_field(obtained_at=None),
     "nan": VALID.replace(b"1800000000.125", b"NaN"),
     "infinity": VALID.replace(b"1800000000.125", b"1e999"),

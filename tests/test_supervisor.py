@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fakes import REFRESH, KeeperEnv, gated_save, json_output, make_spec, settle
+from fakes import (
+    REFRESH,
+    KeeperEnv,
+    gated_save,
+    json_output,
+    make_spec,
+    settle,
+    wrong_password,
+)
 
 from anybilld.config import (
     SCOPE_BASE,
@@ -297,3 +305,16 @@ async def test_stop_stops_every_keeper(env: Env) -> None:
     await env.clock.advance(7200.0)  # far past every refresh time
     await settle()
     assert len(env.client.sent) == sent
+
+
+async def test_merchant_entries_sharing_one_service_account_share_its_lock(env: Env) -> None:
+    # Two entries for one account (a franchise listed twice): a wrong password must cost
+    # one lockout attempt of that account, not one per entry.
+    env.client.auto = False
+    env.client.push(wrong_password())
+    shared = replace(merchant("hh-a", "bill"), username="svc-shared")
+    twin = replace(merchant("hh-b", "bill"), username="SVC-Shared")
+    await env.sup.apply(env.config(shared, twin))
+    await settle()
+    assert env.client.grants == ["password"]
+    assert {k.state for k in env.sup} == {TokenState.BLOCKED}

@@ -532,3 +532,32 @@ def test_a_vanished_output_dir_is_reported_and_healed_without_a_new_login(
     assert doc is not None and emu.introspect(doc["access_token"])["active"]
     assert len(password_grants(emu)) == 1
     assert d.stop() == 0
+
+
+def test_sighup_applies_a_new_merchant_and_refuses_to_move_output_dir(
+    tmp_path: Path, make_emulator: Callable[..., EmulatorProcess], daemons: list[DaemonProcess]
+) -> None:
+    emu = make_emulator(access_token_lifetime=3600)
+    d = start(daemons, tmp_path / "d", one_merchant(emu))
+    wait_for(lambda: d.read_json("berlin", "bill"), what="the token file")
+    first = d.token_file("berlin", "bill").read_bytes()
+
+    d.config["merchants"].append(merchant("hamburg", "svc-hamburg", "hamburg-Pa55", ["bill"]))
+    d.write_config(d.config)
+    d.passwords.add("hamburg-Pa55")
+    d.signal(signal.SIGHUP)
+    wait_for(lambda: d.read_json("hamburg", "bill"), what="the new merchant's token file")
+    assert d.metrics()["anybilld_config_last_reload_successful"] == 1
+    assert d.token_file("berlin", "bill").read_bytes() == first  # untouched
+    assert [r["username"] for r in password_grants(emu)] == ["svc-berlin", "svc-hamburg"]
+
+    d.config["output_dir"] = "elsewhere"
+    d.write_config(d.config)
+    d.signal(signal.SIGHUP)
+    wait_for(lambda: d.metrics()["anybilld_config_last_reload_successful"] == 0)
+    assert "a new output_dir takes effect only after a restart" in d.log()
+    assert d.token_file("berlin", "bill").read_bytes() == first
+    assert not (d.folder / "elsewhere").exists()
+    assert d.metrics()['anybilld_config_reloads_total{outcome="failure"}'] == 1
+    assert d.metrics()['anybilld_config_reloads_total{outcome="success"}'] == 1
+    assert d.stop() == 0
