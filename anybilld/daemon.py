@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry
 
 from .clock import Clock, SystemClock
 from .config import Config, load_config
-from .errors import ConfigError
+from .errors import ConfigError, OutputError
 from .files import remove_stale_temp_files
 from .identity import IdentityClient
 from .keeper import Runtime, TokenState
@@ -78,7 +78,7 @@ class Daemon:
         self.config = config
         try:
             store = self._prepare_directories(config)
-        except OSError as exc:
+        except (OSError, OutputError) as exc:
             log.error("cannot prepare directories: %s", exc)
             self.started.set()
             return 1
@@ -134,6 +134,7 @@ class Daemon:
             self.started.set()
             self.notifier.stopping()
             log.info("stopping")
+            client.stop_sending()
             await supervisor.stop(SHUTDOWN_TIMEOUT)
             await listener.stop()
             await client.aclose()

@@ -28,6 +28,7 @@ import httpx
 from .clock import Clock
 from .config import TokenSetSpec
 from .errors import (
+    AnybilldError,
     BlockReason,
     DeadGrantError,
     ErrorContext,
@@ -239,6 +240,14 @@ def parse_answer(
     raise PermanentError("rejected with an unknown code", reason=BlockReason.UNKNOWN, **kw)
 
 
+class ClientClosed(AnybilldError):
+    """The client sends no new request: the daemon is shutting down.
+
+    Requests already on the wire may still land; one still waiting for a slot would only
+    be cut off by the shutdown after the IdP had spent a single-use refresh token on it.
+    """
+
+
 class RateLimiter:
     """Spaces calls at least ``1/rate`` seconds apart on the injected clock.
 
@@ -289,6 +298,7 @@ class IdentityClient:
         # When the IdP says "slow down" with a Retry-After, it means this client IP, not
         # one token set: every request waits until then.
         self._paused_until = 0.0
+        self._closing = False
         verify: str | bool = ca_bundle if ca_bundle else True
         self._http = httpx.AsyncClient(
             verify=verify,
@@ -301,6 +311,10 @@ class IdentityClient:
             headers={"User-Agent": "anybilld"},
         )
 
+    def stop_sending(self) -> None:
+        """From now on, requests not yet sent raise ClientClosed instead of going out."""
+        self._closing = True
+
     async def aclose(self) -> None:
         await self._http.aclose()
 
@@ -310,10 +324,14 @@ class IdentityClient:
             # Checked again after every wait: a throttle answer may arrive while this
             # request waits for its rate slot, and then it must wait the pause out too.
             while True:
+                if self._closing:
+                    raise ClientClosed("not sent: shutting down")
                 pause = self._paused_until - self._clock.monotonic()
                 if pause > 0:
                     await self._clock.sleep(pause)
                 await self._rate.acquire()
+                if self._closing:
+                    raise ClientClosed("not sent: shutting down")
                 if self._paused_until <= self._clock.monotonic():
                     break
             started = time.perf_counter()

@@ -20,9 +20,6 @@ and the log show. The published files are only ever replaced by a newer valid to
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
-import hashlib
 import logging
 import math
 import random
@@ -46,7 +43,14 @@ from .errors import (
     TransientError,
 )
 from .files import OutputResult, PublishedToken, rfc3339, write_outputs
-from .identity import Grant, GrantType, TokenRequest, password_request, refresh_request
+from .identity import (
+    ClientClosed,
+    Grant,
+    GrantType,
+    TokenRequest,
+    password_request,
+    refresh_request,
+)
 from .policy import (
     DEFAULT_REFRESH_TOKEN_LIFETIME,
     Uniform,
@@ -110,21 +114,8 @@ def _credentials(spec: TokenSetSpec) -> tuple[str, str, str]:
     return (spec.token_url, spec.username.casefold(), spec.password.fingerprint())
 
 
-@functools.lru_cache(maxsize=4096)
-def _credentials_digest(grant_fingerprint: str, password: Secret) -> str:
-    """A slow, salted digest of the credentials, for a block stored on disk.
-
-    Slow (PBKDF2) because a state file must not make a weak password cheap to guess;
-    cached because the token sets of one merchant share it. Blocking: call off the loop.
-    """
-    raw = hashlib.pbkdf2_hmac(
-        "sha256", password.reveal().encode(), grant_fingerprint.encode(), 20_000
-    )
-    return raw.hex()
-
-
-def credentials_digest(spec: TokenSetSpec) -> str:
-    return _credentials_digest(spec.grant_fingerprint(), spec.password)
+def _credentials_text(spec: TokenSetSpec) -> str:
+    return "\0".join((*_credentials(spec)[:2], spec.password.reveal()))
 
 
 @dataclass(kw_only=True)
@@ -192,6 +183,8 @@ class Keeper:
         self._task: asyncio.Task[None] | None = None
         self._persisting: asyncio.Future[None] | None = None
         self._attempt_spec = spec  # the spec of the attempt under way or last made
+        self._in_request = False  # a grant request has been handed to the client
+        self.internal_error: str | None = None  # the last unexpected error, until restarted
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -214,8 +207,15 @@ class Keeper:
             return
         self._stopping.set()
         if grace > 0 and not self._task.done():
-            with contextlib.suppress(TimeoutError, asyncio.CancelledError, Exception):
-                await asyncio.wait_for(asyncio.shield(self._task), grace)
+            # asyncio.wait, not wait_for: it neither cancels the task on time-out nor
+            # swallows a cancellation of the caller.
+            await asyncio.wait({self._task}, timeout=grace)
+            if not self._task.done() and self._in_request:
+                self._log(
+                    logging.WARNING,
+                    "request abandoned at shutdown; if the IdP answered it, a single-use "
+                    "refresh token is spent and the next start logs in with the password",
+                )
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
         if self._persisting is not None:
@@ -269,22 +269,24 @@ class Keeper:
             except Exception as exc:  # a bug; the other token sets must not notice
                 crashes += 1
                 self.consecutive_failures += 1
-                self.state_error = f"internal error: {type(exc).__name__}; restarting"
+                self.internal_error = f"{type(exc).__name__} (restarting)"
                 self._log(
                     logging.CRITICAL,
                     "keeper failed unexpectedly; starting it again",
                     error=type(exc).__name__,
                     crashes=crashes,
+                    exc_info=True,
                 )
-                log.debug("keeper failure details", exc_info=True)
                 if once:
                     return
                 r = self.spec.refresh
                 window = wait_full_jitter(r.retry_initial, r.retry_max).window(crashes)
-                await self._sleep(window, self._stopping, self._restart)
+                # Not cut short by a reload: a bug that recurs must not become a hot loop.
+                await self._sleep(window, self._stopping)
 
     async def _run(self, *, once: bool) -> None:
         await self._restore()
+        self.internal_error = None
         while not self._stopping.is_set():
             self._wake.clear()
             now = self.rt.clock.monotonic()
@@ -364,7 +366,7 @@ class Keeper:
         ):
             self._refresh = stored.refresh_token
             self.refresh_expires_at = stored.refresh_token_expires_at
-        await self._restore_block(stored, now_wall, now_mono)
+        self._restore_block(stored, now_wall, now_mono)
         expires = stored.access_token_expires_at
         if stored.access_token is None or expires is None or expires <= now_wall:
             return
@@ -381,19 +383,19 @@ class Keeper:
         self._log(logging.INFO, "reusing stored token", expires_at=_iso(expires))
         await self._flush()
 
-    async def _restore_block(self, stored: StoredGrant, now_wall: float, now_mono: float) -> None:
+    def _restore_block(self, stored: StoredGrant, now_wall: float, now_mono: float) -> None:
+        spec = self.spec
         until_wall, reason = stored.blocked_until, stored.blocked_reason
         known = {r.value for r in BlockReason}
         if until_wall is None or until_wall <= now_wall or reason is None or reason not in known:
             return
-        digest = await self.rt.run_io(credentials_digest, self.spec)
-        if digest != stored.blocked_credentials:
+        if self.rt.store.digest(_credentials_text(spec)) != stored.blocked_credentials:
             return  # the credentials changed since: the block is lifted
         error = PermanentError(
             "blocked before the restart", reason=BlockReason(reason), code=stored.blocked_code
         )
         until = now_mono + (until_wall - now_wall)
-        self.block = _Block(error=error, until=until, earned_by=self.spec)
+        self.block = _Block(error=error, until=until, earned_by=spec)
         if error.reason.whole_merchant:
             self.account.block = self.block
         self._due = until
@@ -421,8 +423,8 @@ class Keeper:
         )
         try:
             await retrying(self._obtain)
-        except _Stopping:
-            pass
+        except (_Stopping, ClientClosed):
+            pass  # shutting down: nothing failed, and nothing more is sent
         except TransientError as exc:  # only with a stop: a --once run gave up
             self._fail(exc, TokenState.RETRYING)
         except PermanentError as exc:
@@ -436,9 +438,7 @@ class Keeper:
         self._restart.clear()
         if self._refresh is not None and not self._refresh_expired():
             try:
-                grant = await self.rt.client.request(
-                    refresh_request(spec, self._refresh), timeout=spec.timeout
-                )
+                grant = await self._request(refresh_request(spec, self._refresh), spec)
             except DeadGrantError as exc:
                 self._fail(exc, None, "refresh grant is dead; logging in with the password once")
                 self._refresh = None
@@ -447,6 +447,15 @@ class Keeper:
                 return
         grant = await self._password_login(spec)
         await self._accept(grant, spec, "password")
+
+    async def _request(self, req: TokenRequest, spec: TokenSetSpec) -> Grant:
+        if self._stopping.is_set():  # e.g. the password login after a dead grant
+            raise _Stopping
+        self._in_request = True
+        try:
+            return await self.rt.client.request(req, timeout=spec.timeout)
+        finally:
+            self._in_request = False
 
     def _refresh_expired(self) -> bool:
         exp = self.refresh_expires_at
@@ -457,9 +466,11 @@ class Keeper:
             now = self.rt.clock.monotonic()
             block = self.account.blocked(spec, now)
             if block is not None:
-                raise _copy_error(block.error, "another token set of this merchant was refused")
+                raise _copy_error(
+                    block.error, "the service account was refused for another token set"
+                )
             try:
-                return await self.rt.client.request(password_request(spec), timeout=spec.timeout)
+                return await self._request(password_request(spec), spec)
             except PermanentError as exc:
                 if exc.reason.whole_merchant:
                     self.account.block = _Block(
@@ -572,7 +583,7 @@ class Keeper:
                 "blocked_until": self.rt.clock.time() + wait,
                 "blocked_reason": block.error.reason.value,
                 "blocked_code": block.error.code,
-                "blocked_credentials": await self.rt.run_io(credentials_digest, block.earned_by),
+                "blocked_credentials": self.rt.store.digest(_credentials_text(block.earned_by)),
             }
         return StoredGrant(
             fingerprint=spec.grant_fingerprint(),
@@ -653,10 +664,11 @@ class Keeper:
     def block_reason(self) -> BlockReason | None:
         return self.block.error.reason if self.block is not None else None
 
-    def _log(self, level: int, msg: str, **fields: object) -> None:
+    def _log(self, level: int, msg: str, *, exc_info: bool = False, **fields: object) -> None:
         log.log(
             level,
             msg,
+            exc_info=exc_info,
             extra={
                 "merchant": self.spec.merchant,
                 "scope": self.spec.scope.name,

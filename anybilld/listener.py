@@ -40,6 +40,7 @@ def token_set_status(k: Keeper) -> dict[str, Any]:
         "blocked_reason": k.block_reason.value if k.block_reason else None,
         "output_error": k.output_error,
         "state_error": k.state_error,
+        "internal_error": k.internal_error,
     }
 
 

@@ -16,6 +16,8 @@ All methods block; the daemon calls them from a worker thread.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
 import math
@@ -31,6 +33,8 @@ from .secret import Secret
 log = logging.getLogger("anybilld.state")
 
 VERSION = 1
+KEY_FILE = ".digest-key"  # beside the merchant directories; never a merchant id (dot)
+KEY_BYTES = 32
 FILE_MODE = 0o600
 DIR_MODE = 0o700
 
@@ -75,6 +79,7 @@ class StateStore:
     """
 
     def __init__(self, state_dir: Path) -> None:
+        self._key: bytes | None = None
         self._dir = Path(os.path.normpath(state_dir))
 
     @property
@@ -115,6 +120,37 @@ class StateStore:
                 raise OutputError(
                     f"{self._dir}: cannot set mode {DIR_MODE:04o}: {exc.strerror}"
                 ) from exc
+        self._key = self._load_key()
+
+    def digest(self, text: str) -> str:
+        """HMAC-SHA256 of ``text`` under this state directory's own random key.
+
+        For what must be recognised later but never revealed (the credentials a block was
+        earned with): without the key, which is as private as the refresh tokens beside
+        it, the digest does not help anyone guess a password. Cheap, so it runs on the loop.
+        """
+        if self._key is None:  # prepare() loads it; this is for stores used without it
+            self._key = self._load_key()
+        return hmac.new(self._key, text.encode(), hashlib.sha256).hexdigest()
+
+    def _load_key(self) -> bytes:
+        path = self._dir / KEY_FILE
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            try:
+                key = files.read_at_most(fd, KEY_BYTES + 1)
+            finally:
+                os.close(fd)
+            if len(key) == KEY_BYTES:
+                return key
+            log.warning("%s is not a %d-byte key; making a new one", path, KEY_BYTES)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise OutputError(f"{path}: cannot read: {exc.strerror}") from exc
+        key = os.urandom(KEY_BYTES)
+        files.atomic_write(path, key, mode=FILE_MODE, group=None, root=self._dir)
+        return key
 
     def path(self, merchant: str, scope: str) -> Path:
         """``state_dir/<merchant>/<scope>.json``; ValueError for a name that is no file name."""

@@ -85,6 +85,9 @@ class Supervisor:
             await self._remove(self.keepers.pop(key))
         for spec in d.changed:
             keeper = self.keepers[spec.key]
+            if _account_key(keeper.spec) != _account_key(spec):
+                # A new username or IdP: the keeper now shares another account's lock.
+                keeper.account = self._accounts.setdefault(_account_key(spec), Account())
             stale = {t.path for t in keeper.spec.outputs} - {t.path for t in spec.outputs}
             if stale and self.on_remove == "delete":
                 # Outputs a token set no longer has go away like a removed token set's.

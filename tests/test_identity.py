@@ -338,3 +338,34 @@ async def test_requests_waiting_for_a_rate_slot_also_wait_out_a_throttle() -> No
     assert all(t - start >= 10.0 for t in sent_at[1:]), sent_at
     assert len(sent_at) == 3
     await client.aclose()
+
+
+async def test_after_stop_sending_nothing_waiting_goes_out() -> None:
+    import asyncio
+
+    from anybilld.identity import ClientClosed
+
+    clock = FakeClock()
+    sent: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(request.url.path)
+        return httpx.Response(200, content=ok(expires_in="60"))
+
+    client = IdentityClient(
+        clock=clock, max_concurrent=4, max_per_second=1.0, transport=httpx.MockTransport(handler)
+    )
+    first = await client.request(password_request(spec()), timeout=1)
+    assert first.expires_in == 60
+    # The next one waits a second for its rate slot; shutdown begins meanwhile.
+    waiting = asyncio.ensure_future(client.request(password_request(spec()), timeout=1))
+    for _ in range(10):
+        await asyncio.sleep(0)
+    client.stop_sending()
+    await clock.advance(5.0)
+    with pytest.raises(ClientClosed):
+        await waiting
+    with pytest.raises(ClientClosed):
+        await client.request(password_request(spec()), timeout=1)
+    assert len(sent) == 1
+    await client.aclose()

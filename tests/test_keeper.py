@@ -917,9 +917,41 @@ async def test_an_unexpected_error_restarts_the_token_set_after_a_backoff(env: E
     keeper = env.start()
     await settle()
     assert env.client.grants == []
-    assert keeper.consecutive_failures == 1 and keeper.state_error
+    assert keeper.consecutive_failures == 1 and keeper.internal_error
     # Restarted after the first backoff window (retry_initial), not never.
     await env.advance(REFRESH.retry_initial)
     assert env.client.grants == ["password"]
-    assert keeper.state == TokenState.OK and keeper.state_error is None
+    assert keeper.state == TokenState.OK and keeper.internal_error is None
     assert env.token_doc()["access_token"] == "AT-1"
+
+
+async def test_a_dead_grant_answered_during_a_stop_sends_no_password(env: Env) -> None:
+    env.client.push(grant("1"))
+    keeper = env.start()
+    await settle()
+    await env.advance(1800.0)  # the refresh is in flight
+    stopping = asyncio.ensure_future(keeper.stop(grace=5.0))
+    await settle()
+    env.client.push(dead_grant())
+    await settle()
+    await stopping
+    assert env.client.grants == ["password", "refresh"]
+
+
+async def test_a_bug_that_recurs_during_a_reload_is_retried_with_backoff_not_hot(
+    env: Env,
+) -> None:
+    async def broken_io(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if fn == env.store.load:
+            raise RuntimeError("still broken")
+        return fn(*args, **kwargs)
+
+    env.rt.run_io = broken_io
+    keeper = env.start()
+    await settle()
+    keeper.update(env.spec(password="pw-new"))  # sets the restart event
+    await settle()
+    # One failure at the start, none more until the backoff has passed.
+    assert keeper.consecutive_failures == 1
+    await env.advance(REFRESH.retry_initial)
+    assert keeper.consecutive_failures == 2

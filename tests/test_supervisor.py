@@ -17,6 +17,7 @@ from fakes import (
     REFRESH,
     KeeperEnv,
     gated_save,
+    grant,
     json_output,
     make_spec,
     settle,
@@ -317,4 +318,21 @@ async def test_merchant_entries_sharing_one_service_account_share_its_lock(env: 
     await env.sup.apply(env.config(shared, twin))
     await settle()
     assert env.client.grants == ["password"]
+    assert {k.state for k in env.sup} == {TokenState.BLOCKED}
+
+
+async def test_a_reload_onto_a_shared_service_account_shares_its_lock(env: Env) -> None:
+    env.client.auto = False
+    env.client.push(wrong_password(), user="svc-shared")
+    env.client.push(grant("b"), user="svc-hh-b")
+    a = replace(merchant("hh-a", "bill"), username="svc-shared")
+    b = merchant("hh-b", "bill")
+    await env.sup.apply(env.config(a, b))
+    await settle()
+    assert sorted(s.username for s in env.client.sent) == ["svc-hh-b", "svc-shared"]
+    # A reload moves hh-b onto the refused service account, with the same password: it
+    # must wait out that account's block instead of spending another attempt.
+    await env.sup.apply(env.config(a, replace(b, username="svc-shared")))
+    await settle()
+    assert len(env.client.sent) == 2
     assert {k.state for k in env.sup} == {TokenState.BLOCKED}

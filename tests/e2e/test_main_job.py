@@ -561,3 +561,30 @@ def test_sighup_applies_a_new_merchant_and_refuses_to_move_output_dir(
     assert d.metrics()['anybilld_config_reloads_total{outcome="failure"}'] == 1
     assert d.metrics()['anybilld_config_reloads_total{outcome="success"}'] == 1
     assert d.stop() == 0
+
+
+def test_sigterm_lets_a_slow_refresh_land_so_single_use_grants_survive(
+    tmp_path: Path, make_emulator: Callable[..., EmulatorProcess], daemons: list[DaemonProcess]
+) -> None:
+    emu = make_emulator(access_token_lifetime=3, single_use_refresh_tokens=True)
+    folder = tmp_path / "d"
+    d = start(daemons, folder, one_merchant(emu))
+    wait_for(lambda: d.read_json("berlin", "bill"), what="the token file")
+    # The next refresh takes a second to answer; SIGTERM arrives while it is under way.
+    emu.add_faults({"kind": "hang", "seconds": 1, "match": {"grant_type": "refresh_token"}})
+    wait_for(lambda: any(r["fault"] == "hang" for r in emu.requests()), what="the slow refresh")
+    d.signal(signal.SIGTERM)
+    assert d.stop() == 0
+    hung = next(r for r in emu.requests() if r["fault"] == "hang")
+    assert hung["status"] == 200  # the IdP answered, and spent the old refresh token
+    assert "request abandoned" not in d.log()
+
+    # The answer was saved: the restart refreshes with the new single-use token.
+    emu.clear_requests()
+    emu.settings(access_token_lifetime=3600)
+    d2 = start(daemons, folder, one_merchant(emu))
+    wait_for(lambda: any(r["status"] == 200 for r in emu.requests()), what="a refresh")
+    first = emu.requests()[0]
+    assert (first["grant_type"], first["status"], first["code"]) == ("refresh_token", 200, None)
+    assert password_grants(emu) == []
+    assert d2.stop() == 0
