@@ -5,13 +5,14 @@ on the hot path: a keeper only ever touches its own file. Files are written with
 ``files.atomic_write`` (atomic, fsynced, mode applied on every write)::
 
     <state_dir>/                 0700, made (or tightened) by prepare()
+    ├── .digest-key              0600: 32 random bytes, made by the first prepare()
     └── berlin-01/               0700, created by the first save of the merchant
         ├── bill.json            0600: {"version": 1, "fingerprint": ..., ...}
         └── store.json
 
 Corrupt state is never fatal: ``load`` logs one warning (naming merchant, scope, path and
 why, never the content) and answers None, and the keeper falls back to a password login.
-All methods block; the daemon calls them from a worker thread.
+All methods but ``digest`` block; the daemon calls them from a worker thread.
 """
 
 from __future__ import annotations
