@@ -511,12 +511,19 @@ def test_a_vanished_output_dir_is_reported_and_healed_without_a_new_login(
     d = start(daemons, tmp_path / "d", one_merchant(emu))
     wait_for(lambda: d.read_json("berlin", "bill"), what="the token file")
     key = '{merchant="berlin",scope="bill"}'
-    published = d.metrics()[f"anybilld_token_expiry_timestamp_seconds{key}"]
 
     import shutil
 
     shutil.rmtree(d.output_dir)  # an unmounted volume, an over-eager clean-up job
     wait_for(lambda: d.metrics()[f"anybilld_token_output_failing{key}"] == 1)
+    # From here on nothing can be published: the exported expiry must stand still.
+    published = d.metrics()[f"anybilld_token_expiry_timestamp_seconds{key}"]
+    # ... also across a further refresh: a token obtained but not written is not counted.
+    before = d.token_sets()[("berlin", "bill")]["last_success_at"]
+    wait_for(
+        lambda: d.token_sets()[("berlin", "bill")]["last_success_at"] != before,
+        what="one more refresh while failing",
+    )
     status = d.token_sets()[("berlin", "bill")]
     assert status["output_error"] and str(d.output_dir) in status["output_error"]
     # The daemon does not recreate output_dir (it may be a mount point), and the expiry it
