@@ -509,8 +509,9 @@ def test_a_vanished_output_dir_is_reported_and_healed_without_a_new_login(
 ) -> None:
     emu = make_emulator(access_token_lifetime=4)
     d = start(daemons, tmp_path / "d", one_merchant(emu))
-    wait_for(lambda: d.read_json("berlin", "bill"), what="the token file")
     key = '{merchant="berlin",scope="bill"}'
+    # Every output written (the gauge exists only then), not just the first file.
+    wait_for(lambda: f"anybilld_token_expiry_timestamp_seconds{key}" in d.metrics())
 
     import shutil
 
