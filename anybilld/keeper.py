@@ -9,12 +9,15 @@ what a failure means, and it decides in one place (``_renew``):
 - permanent: the token set is blocked until ``blocked_retry`` has passed or its identity
   (username, secret, client, URL, policy, scope) changes.
 
-The token sets of one merchant share an ``Account``: their password logins run one at a
-time, and a credential failure blocks the password logins of all of them, so a merchant
-with five scopes never spends five of its ten lockout attempts in one second.
+The token sets of one service account (one username at one IdP) share an ``Account``:
+their password logins run one at a time, and a credential failure blocks the password
+logins of all of them, so a merchant with five scopes never spends five of its ten lockout
+attempts in one second. A block is saved with the state, so a restart honours it too.
 
 Keepers never raise out of their task: every failure ends in a state the metrics, /status
-and the log show. The published files are only ever replaced by a newer valid token.
+and the log show, and an unexpected error restarts the token set after a backoff. The
+published files are only ever replaced by a newer valid token. On shutdown a request
+already sent may land within a grace period; nothing new is sent.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_never
 from tenacity.stop import stop_after_attempt, stop_base
@@ -63,7 +66,6 @@ from .state import StateStore, StoredGrant
 
 log = logging.getLogger("anybilld.keeper")
 
-T = TypeVar("T")
 
 # Attempts of a --once run before a transient failure counts as a failure of the run.
 ONCE_ATTEMPTS = 3
