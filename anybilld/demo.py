@@ -34,31 +34,36 @@ def demo_template() -> str:
     return resources.files("anybilld").joinpath("configs/demo.yaml").read_text()
 
 
-def prepare(folder: Path, token_url: str) -> tuple[Path, dict[str, str]]:
-    """Write config and secrets into ``folder``; return the config path and the passwords."""
-    folder.mkdir(parents=True, exist_ok=True)
+def prepare_secrets(folder: Path) -> dict[str, str]:
+    """The demo users' passwords, generated once per demo folder; username -> password.
+
+    Handed to the emulator as well, so the demo config and the emulator always agree
+    without a password in the repository.
+    """
     secrets_dir = folder / "secrets"
-    secrets_dir.mkdir(mode=0o700, exist_ok=True)
+    secrets_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     passwords = {}
     for user in DEMO_USERS:
-        merchant = user.removeprefix("svc-")
-        path = secrets_dir / merchant
+        path = secrets_dir / user.removeprefix("svc-")
         if not path.exists():
             path.write_text(secrets.token_urlsafe(18) + "\n")
             path.chmod(0o600)
         passwords[user] = path.read_text().removesuffix("\n")
+    return passwords
+
+
+def write_config(folder: Path, token_url: str) -> Path:
+    """The demo config, pointing at this run's emulator."""
     # The embedded emulator forgets its grants when it stops, and listens on a new port
     # each time: state from an earlier demo run could never be reused.
     shutil.rmtree(folder / "state", ignore_errors=True)
     config = folder / "config.yaml"
     config.write_text(demo_template().replace("@TOKEN_URL@", token_url))
-    return config, passwords
+    return config
 
 
 async def run_demo(folder: Path) -> int:
-    # Passwords are generated per demo folder and handed to the emulator, so the demo
-    # config and the emulator always agree without a password in the repository.
-    config_path, passwords = prepare(folder, "http://127.0.0.1:1/placeholder")
+    passwords = prepare_secrets(folder)
     settings = EmulatorSettings(
         users=tuple(EmulatorUser(username=u, password=Secret(p)) for u, p in passwords.items()),
         access_token_lifetime=ACCESS_LIFETIME,
@@ -67,7 +72,7 @@ async def run_demo(folder: Path) -> int:
     _emulator, server = await start_emulator(settings, "127.0.0.1", 0)
     host, port = server.address
     token_url = f"http://{host}:{port}/{settings.tenant}/oauth2/v2.0/token"
-    config_path, _ = prepare(folder, token_url)
+    config_path = write_config(folder, token_url)
     daemon = Daemon(config_path=config_path)
     task = asyncio.ensure_future(daemon.run())
     await daemon.started.wait()
