@@ -160,10 +160,23 @@ def test_tokens_for_every_merchant_are_published_refreshed_and_exported(
         return {k: doc["expires_at_unix"] for k, doc in docs.items() if doc is not None}
 
     expiry = wait_for(stable_expiry, what="long-lived tokens everywhere")
+
+    # The gauge follows what is on disk once a token set has written all its outputs; the
+    # json file above may be the first of the pair, so wait for the gauge to catch up.
+    def exported_expiry() -> dict[tuple[str, str], int]:
+        metrics = d.metrics()
+        return {
+            (m, s): int(
+                metrics.get(
+                    f'anybilld_token_expiry_timestamp_seconds{{merchant="{m}",scope="{s}"}}', 0
+                )
+            )
+            for m, s in all_keys()
+        }
+
+    wait_for(lambda: exported_expiry() == expiry, what="the expiry gauge equal to the files")
     metrics = d.metrics()
-    for (m, s), expires_at_unix in expiry.items():
-        gauge = metrics[f'anybilld_token_expiry_timestamp_seconds{{merchant="{m}",scope="{s}"}}']
-        assert int(gauge) == expires_at_unix
+    for m, s in all_keys():
         assert metrics[f'anybilld_token_consecutive_failures{{merchant="{m}",scope="{s}"}}'] == 0
     assert metrics['anybilld_token_sets{state="ok"}'] == 6
     assert metrics['anybilld_token_requests_total{grant="password",outcome="success"}'] == 6
