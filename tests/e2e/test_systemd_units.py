@@ -118,6 +118,7 @@ def test_sysusers_and_tmpfiles_create_the_user_and_the_directories(tmp_path: Pat
         return st.st_uid, st.st_gid, oct(st.st_mode & 0o7777)
 
     assert owner_mode("etc/anybilld") == (0, gid, "0o750")
+    assert owner_mode("etc/anybilld/secrets") == (0, gid, "0o750")
     assert owner_mode("etc/anybilld/credentials") == (0, 0, "0o700")
     assert owner_mode("var/lib/anybilld") == (uid, gid, "0o750")
     # POS apps in group anybilld can reach the tokens, never the refresh tokens.
