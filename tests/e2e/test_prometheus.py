@@ -315,6 +315,16 @@ def test_prometheus_scrapes_every_expiry_and_fires_the_expiry_alert_when_tokens_
 
     wait_for(matching_files, what="every token set's expiry in Prometheus")
     assert all(h == "ok" for _, h in prom.rule_health()), prom.rule_health()
+    # Every dashboard query is valid PromQL to this Prometheus (Grafana's variables filled
+    # in), and the expiry panel shows every token set.
+    for expr in dashboard_exprs():
+        filled = expr.replace("$instance", ".*").replace("$__rate_interval", "1m")
+        if filled.startswith("label_values("):
+            continue  # a Grafana function, not PromQL
+        prom.query(filled)
+    panel = next(e for e in dashboard_exprs() if e.startswith("anybilld_token_expiry_"))
+    expiry_panel = prom.query(panel.replace("$instance", ".*"))
+    assert {(s["metric"]["merchant"], s["metric"]["scope"]) for s in expiry_panel} == TOKEN_SETS
     assert prom.alerts("AnybilldTokenExpiringSoon") == []
     assert [s["value"][1] for s in prom.query('up{job="anybilld"}')] == ["1"]
 
