@@ -105,11 +105,20 @@ def test_ready_reload_stop_in_order_on_a_path_socket_while_the_identity_provider
         ready_again = ns.wait(lambda m: m.has("READY"), after=reloading + 1, what="READY=1")
         assert sum(counts(ns.messages()[ready_again].get("STATUS")).values()) == 3
 
+        # A broken config: the same RELOADING=1 and READY=1, and STATUS= says so.
+        d.config_path.write_text("version: 1\nmerchants: {\n")
+        d.signal(signal.SIGHUP)
+        failed = ns.wait(lambda m: m.has("RELOADING"), after=ready_again + 1, what="RELOADING=1")
+        ready_3 = ns.wait(lambda m: m.has("READY"), after=failed + 1, what="READY=1")
+        status = ns.messages()[ready_3].get("STATUS") or ""
+        assert status.endswith("; last reload failed, running the previous config")
+        assert sum(counts(status.partition(";")[0]).values()) == 3
+
         assert d.stop() == 0
-        ns.wait(lambda m: m.has("STOPPING"), after=ready_again + 1, what="STOPPING=1")
+        ns.wait(lambda m: m.has("STOPPING"), after=ready_3 + 1, what="STOPPING=1")
         msgs = ns.messages()
 
-    assert lifecycle(msgs) == ["READY", "RELOADING", "READY", "STOPPING"]
+    assert lifecycle(msgs) == ["READY", "RELOADING", "READY", "RELOADING", "READY", "STOPPING"]
     assert not [m for m in msgs if m.has("WATCHDOG")]
     assert {m.pid for m in msgs} == {d.proc.pid}
 
