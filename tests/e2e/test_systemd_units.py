@@ -89,17 +89,19 @@ def test_the_unit_is_hardened_to_an_exposure_of_two_or_better(tmp_path: Path) ->
     assert exposure(bare) > 5.0
 
 
-def test_sysusers_and_tmpfiles_create_the_user_and_the_directories(tmp_path: Path) -> None:
-    sysusers = require_tool("systemd-sysusers")
-    tmpfiles = require_tool("systemd-tmpfiles")
-    if os.geteuid() != 0:
-        pytest.skip("systemd-tmpfiles needs root to give the directories their owners")
-    root = tmp_path / "root"
+def install_root(folder: Path) -> Path:
+    """A scratch root with the sysusers.d and tmpfiles.d files where a package puts them."""
+    root = folder / "root"
     for kind in ("sysusers.d", "tmpfiles.d"):
         (root / "usr/lib" / kind).mkdir(parents=True)
         shutil.copy(PACKAGING / kind / "anybilld.conf", root / "usr/lib" / kind)
     (root / "etc").mkdir()
+    return root
 
+
+def run_sysusers(root: Path) -> tuple[int, int]:
+    """systemd-sysusers on ``root``; the uid and gid it gave anybilld."""
+    sysusers = require_tool("systemd-sysusers")
     done = subprocess.run([sysusers, f"--root={root}"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     users = {line.split(":")[0]: line.split(":") for line in (root / "etc/passwd").open()}
@@ -109,7 +111,19 @@ def test_sysusers_and_tmpfiles_create_the_user_and_the_directories(tmp_path: Pat
     assert gid == int(groups["anybilld"][2])
     assert uid < 1000, "a system user"
     assert user[5:] == ["/var/lib/anybilld", "/usr/sbin/nologin\n"]
+    return uid, gid
 
+
+def test_sysusers_creates_the_anybilld_system_user_and_group(tmp_path: Path) -> None:
+    run_sysusers(install_root(tmp_path))
+
+
+def test_tmpfiles_creates_the_directories_with_their_owners_and_modes(tmp_path: Path) -> None:
+    tmpfiles = require_tool("systemd-tmpfiles")
+    if os.geteuid() != 0:
+        pytest.skip("systemd-tmpfiles needs root to give the directories their owners")
+    root = install_root(tmp_path)
+    uid, gid = run_sysusers(root)
     done = subprocess.run([tmpfiles, f"--root={root}", "--create"], capture_output=True, text=True)
     assert (done.returncode, done.stderr) == (0, "")
 
