@@ -244,7 +244,11 @@ class Daemon:
         if self.supervisor is None:
             return "starting"
         counts = self.supervisor.counts()
-        return ", ".join(f"{counts.get(s, 0)} {s.value}" for s in TokenState)
+        line = ", ".join(f"{counts.get(s, 0)} {s.value}" for s in TokenState)
+        # `systemctl status` is where an operator looks after `systemctl reload`.
+        if not getattr(self, "_last_reload_ok", True):
+            line += "; last reload failed, running the previous config"
+        return line
 
     def _config_info(self) -> dict[str, Any]:
         return {

@@ -83,6 +83,7 @@ class DaemonProcess:
         passwords: Iterable[str] = (),
         env: dict[str, str] | None = None,
         start: bool = True,
+        notify_socket: str | None = None,
     ) -> None:
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
@@ -105,6 +106,8 @@ class DaemonProcess:
             filter(None, [str(REPO_ROOT), self.env.get("PYTHONPATH")])
         )
         self.env.pop("NOTIFY_SOCKET", None)
+        if notify_socket is not None:  # sd_notify tests: a socket the test listens on
+            self.env["NOTIFY_SOCKET"] = notify_socket
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = f"http://127.0.0.1:{self.port}"
         self.http = httpx.Client(base_url=self.url, timeout=10, trust_env=False)
