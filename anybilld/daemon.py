@@ -83,8 +83,10 @@ class Daemon:
     def request_reload(self) -> None:
         self._reload.set()
 
-    def config_changed(self) -> None:
+    def config_changed(self, path: str = "") -> None:
         """A watched file changed: reload once the burst of events is over."""
+        if path:
+            log.debug("config change: %s", path)
         if self._debouncer is not None and not self._stop.is_set():
             self._debouncer.poke()
 
@@ -276,8 +278,8 @@ class Daemon:
             self.clock, self.request_reload, quiet=DEBOUNCE_QUIET, max_wait=DEBOUNCE_MAX_WAIT
         )
 
-        def on_event() -> None:  # an observer thread
-            loop.call_soon_threadsafe(self.config_changed)
+        def on_event(path: str) -> None:  # an observer thread
+            loop.call_soon_threadsafe(self.config_changed, path)
 
         def on_death(what: str, error: BaseException | None) -> None:  # an observer thread
             loop.call_soon_threadsafe(self._watcher_died, what, error)

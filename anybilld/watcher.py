@@ -222,7 +222,7 @@ class Debouncer:
 # --------------------------------------------------------------------------- the observer
 
 
-OnEvent = Callable[[], None]
+OnEvent = Callable[[str], None]  # the path that changed
 OnDeath = Callable[[str, BaseException | None], None]
 
 
@@ -255,7 +255,7 @@ class _Handler(FileSystemEventHandler):
         for p in (event.src_path, event.dest_path):
             path = os.fsdecode(p) if p else ""
             if path and self._relevant(path):
-                self._on_event()
+                self._on_event(path)
                 return
 
 
