@@ -260,6 +260,8 @@ class Daemon:
                     "identity connection settings (caps, timeout, CA bundle) take effect "
                     "only after a restart; token URL, policy and client are applied now"
                 )
+            if config.reload != self.config.reload:
+                await self._change_watch_mode(config)
             self.config = config
             diff = await self.supervisor.apply(config)
             self._metrics.config_loaded(True, self.clock.time())
@@ -325,6 +327,20 @@ class Daemon:
         if added:
             self.config_changed()
 
+    async def _change_watch_mode(self, config: Config) -> None:
+        """A new reload.watch or poll_interval: the same watch set on a new observer."""
+        if self.watcher is None or self._watching is None:
+            return
+        self.watcher.mode = config.reload.watch
+        self.watcher.poll_interval = config.reload.poll_interval
+        async with self._watcher_lock:
+            try:
+                await asyncio.to_thread(self.watcher.start, self._watching)
+            except Exception as exc:
+                log.error("cannot watch the config (%s); reload with SIGHUP", exc)
+                return
+        log.info("now watching the config with %s", self.watcher.using)
+
     def _watcher_died(self, what: str, error: BaseException | None) -> None:
         if self._stop.is_set() or (self._restarting and not self._restarting.done()):
             return
@@ -373,6 +389,7 @@ class Daemon:
             "path": str(self.config_path),
             "last_reload_successful": self._last_reload_ok,
             "last_reload_success_at": self._reloaded_at,
+            "watch": self.watcher.using if self.watcher is not None else "none",
         }
 
     async def _status_ticker(self) -> None:

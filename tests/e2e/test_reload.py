@@ -433,3 +433,28 @@ def test_a_mistyped_new_password_never_drops_the_working_token(
     wait_for(lambda: password_logins(emu, mark) == ["svc-berlin"] * 2, what="the fixed login")
     wait_for(lambda: d.token_sets()[("berlin", "bill")]["state"] == "ok", what="ok again")
     assert d.stop() == 0
+
+
+def test_a_rotated_password_file_logs_in_that_merchant_alone(
+    tmp_path: Path, emu: EmulatorProcess, daemons: list[DaemonProcess]
+) -> None:
+    folder = tmp_path / "d"
+    secrets = folder / "secrets"
+    secrets.mkdir(parents=True)
+    (secrets / "berlin").write_text(USERS["berlin"][1] + "\n")
+    berlin = {k: v for k, v in m("berlin").items() if k != "password"}
+    berlin["password_file"] = "secrets/berlin"
+    d = start(daemons, folder, config(emu, [berlin, m("hamburg")]))
+    d.passwords.add("berlin-Rotated1")
+    wait_for(lambda: published(d, {"berlin", "hamburg"}), what="first tokens")
+    hamburg = snapshot(d, "hamburg")
+    mark = last_request_id(emu)
+
+    emu.add_user("svc-berlin", "berlin-Rotated1")
+    rename_same_dir(d, secrets / "berlin", "berlin-Rotated1\n")
+
+    wait_for(lambda: password_logins(emu, mark) == ["svc-berlin"], what="berlin's new login")
+    wait_for(lambda: published(d, {"berlin"}), what="berlin ok")
+    assert snapshot(d, "hamburg") == hamburg
+    assert "config reloaded: added=0 changed=1 removed=0 unchanged=1" in d.log()
+    assert d.stop() == 0
