@@ -17,12 +17,13 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry
+from watchdog.observers.api import BaseObserver
 
 from .clock import Clock, SystemClock
 from .config import Config, load_config
@@ -71,6 +72,8 @@ class Daemon:
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _reload: asyncio.Event = field(default_factory=asyncio.Event)
     watcher: ConfigWatcher | None = None
+    # The inotify observer's factory; tests inject a failing one.
+    make_inotify: Callable[[], BaseObserver] | None = None
     _debouncer: Debouncer | None = None
     _watching: WatchSet | None = None
     _watcher_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -291,6 +294,7 @@ class Daemon:
             poll_interval=config.reload.poll_interval,
             on_event=on_event,
             on_death=on_death,
+            make_inotify=self.make_inotify,
         )
         self._watching = await asyncio.to_thread(self._watch_set, config.files, config.include)
         async with self._watcher_lock:
