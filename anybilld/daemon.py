@@ -235,7 +235,6 @@ class Daemon:
             # the fix may land in any of those files.
             await self._rewatch(err.files, err.include, keep=True)
         else:
-            await self._rewatch(config.files, config.include, keep=False)
             moved = [
                 key
                 for key in ("output_dir", "state_dir")
@@ -249,6 +248,7 @@ class Daemon:
                     "only after a restart",
                     " and ".join(moved),
                 )
+                await self._rewatch(config.files, config.include, keep=True)
                 self._metrics.config_loaded(False, self.clock.time())
                 self._last_reload_ok = False
                 self.notifier.ready(self._status_line())
@@ -263,6 +263,7 @@ class Daemon:
                     "identity connection settings (caps, timeout, CA bundle) take effect "
                     "only after a restart; token URL, policy and client are applied now"
                 )
+            await self._rewatch(config.files, config.include, keep=False)
             if config.reload != self.config.reload:
                 await self._change_watch_mode(config)
             self.config = config
