@@ -458,3 +458,26 @@ def test_a_rotated_password_file_logs_in_that_merchant_alone(
     assert snapshot(d, "hamburg") == hamburg
     assert "config reloaded: added=0 changed=1 removed=0 unchanged=1" in d.log()
     assert d.stop() == 0
+
+
+def test_a_password_changed_while_stopped_logs_in_at_start_like_a_reload(
+    tmp_path: Path, emu: EmulatorProcess, daemons: list[DaemonProcess]
+) -> None:
+    folder = tmp_path / "d"
+    d = start(daemons, folder, config(emu, [m("berlin"), m("hamburg")]))
+    wait_for(lambda: published(d, {"berlin", "hamburg"}), what="first tokens")
+    assert d.stop() == 0
+    hamburg = snapshot(d, "hamburg")
+    mark = last_request_id(emu)
+
+    emu.add_user("svc-berlin", "berlin-Rotated2")
+    rotated = dict(m("berlin"), password="berlin-Rotated2")
+    again = start(daemons, folder, config(emu, [rotated, m("hamburg")]))
+    again.passwords.add("berlin-Rotated2")
+    wait_for(lambda: password_logins(emu, mark) == ["svc-berlin"], what="berlin's new login")
+    wait_for(lambda: published(again, {"berlin", "hamburg"}), what="both ok")
+    # hamburg's stored grant is reused without any request; berlin's files hold a token
+    # of the new login.
+    assert [r["username"] for r in emu.requests(mark)] == ["svc-berlin"]
+    assert snapshot(again, "hamburg") == hamburg
+    assert again.stop() == 0
