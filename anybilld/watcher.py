@@ -284,6 +284,7 @@ class ConfigWatcher:
         self._set = WatchSet(dirs=frozenset(), paths=frozenset())
         self._observer: BaseObserver | None = None
         self._watches: dict[tuple[str, bool], ObservedWatch] = {}
+        self._inodes: dict[tuple[str, bool], tuple[int, int] | None] = {}
         self._generation = 0
         self.using: str = "none"  # inotify | poll, once started
 
@@ -309,14 +310,19 @@ class ConfigWatcher:
             self._start("poll", ws)
 
     def update(self, ws: WatchSet) -> bool:
-        """Watch ``ws`` from now on; returns whether a directory was added."""
+        """Watch ``ws`` from now on; returns whether a directory was added.
+
+        A directory that was deleted and created again counts as added: its old watch
+        ended with the deletion (watchdog stops that emitter), so it is set up anew.
+        """
         with self._lock:
             observer = self._observer
             if observer is None:
                 return False
             old, self._set = self._set, ws
-            added = ws.dirs - old.dirs
-            for key in old.dirs - ws.dirs:
+            ended = {key for key in ws.dirs & old.dirs if not self._watching(observer, key)}
+            added = (ws.dirs - old.dirs) | ended
+            for key in (old.dirs - ws.dirs) | ended:
                 watch = self._watches.pop(key, None)
                 if watch is not None:
                     with contextlib.suppress(KeyError, OSError):
@@ -372,7 +378,20 @@ class ConfigWatcher:
         if not os.path.isdir(directory):
             return  # gone meanwhile; its parent is watched for it coming back
         handler = _Handler(self._relevant, self.on_event)
+        self._inodes[key] = _inode(directory)
         self._watches[key] = observer.schedule(handler, directory, recursive=recursive)
+
+    def _watching(self, observer: BaseObserver, key: tuple[str, bool]) -> bool:
+        """Whether the watch of ``key`` still covers the directory there now: its emitter
+        runs, and the directory is the one (inode) it was set up on."""
+        watch = self._watches.get(key)
+        emitter = None if watch is None else observer._emitter_for_watch.get(watch)
+        return (
+            emitter is not None
+            and emitter.is_alive()
+            and emitter.should_keep_running()  # watchdog stops it when its directory goes
+            and self._inodes.get(key) == _inode(key[0])
+        )
 
     def _relevant(self, path: str) -> bool:
         return self._set.relevant(path)
@@ -388,6 +407,14 @@ class ConfigWatcher:
                 observer.join(timeout=5)
         except Exception as exc:  # a dead observer may not stop cleanly; it is gone anyway
             log.debug("stopping the observer: %s", exc)
+
+
+def _inode(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
 
 
 def _inotify_observer() -> BaseObserver:

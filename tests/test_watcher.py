@@ -292,3 +292,36 @@ def test_update_adds_and_drops_directories(tmp_path: Path) -> None:
         assert ev.changed.wait(10)
     finally:
         w.stop()
+
+
+@pytest.mark.parametrize("mode", ["inotify", "poll"])
+def test_a_directory_deleted_and_created_again_is_watched_again(tmp_path: Path, mode: str) -> None:
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text("a")
+    merchants = tmp_path / "merchants.d"
+    merchants.mkdir()
+    seen: list[str] = []
+    gone = threading.Event()
+    back = threading.Event()
+
+    def on_event(path: str) -> None:
+        seen.append(path)
+        # Reported twice: by the parent's watch, and by its own as that watch ends.
+        if seen.count(str(merchants)) >= 2:
+            gone.set()
+        if path == str(merchants / "store.yaml"):
+            back.set()
+
+    w = ConfigWatcher(mode=mode, poll_interval=0.05, on_event=on_event, on_death=print)  # type: ignore[arg-type]
+    ws = watch_set([cfg], ["merchants.d/*.yaml"], base=tmp_path)
+    w.start(ws)
+    try:
+        merchants.rmdir()
+        assert gone.wait(10)
+        merchants.mkdir()
+        # The reload that follows computes the same watch set; the ended watch is renewed.
+        assert w.update(watch_set([cfg], ["merchants.d/*.yaml"], base=tmp_path)) is True
+        (merchants / "store.yaml").write_text("merchants: []")
+        assert back.wait(10)
+    finally:
+        w.stop()

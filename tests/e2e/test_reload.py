@@ -301,6 +301,15 @@ def test_a_file_added_to_and_removed_from_merchants_d(
     assert not (d.state_dir / "munich").exists() or not any((d.state_dir / "munich").iterdir())
     assert password_logins(emu, mark) == ["svc-munich"]
     assert snapshot(d, "berlin") == berlin
+
+    # The directory itself deleted and created again (a redeploy): still watched.
+    (folder / "merchants.d" / "README").unlink()
+    (folder / "merchants.d").rmdir()
+    (folder / "merchants.d").mkdir()
+    (folder / "merchants.d" / "hamburg.yaml").write_text(dump({"merchants": [m("hamburg")]}))
+    wait_for(lambda: published(d, {"hamburg"}), what="hamburg from the new merchants.d")
+    assert live(d) == {"berlin", "hamburg"}
+    assert password_logins(emu, mark) == ["svc-munich", "svc-hamburg"]
     assert d.stop() == 0
 
 
