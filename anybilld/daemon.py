@@ -36,7 +36,7 @@ from .metrics import Metrics
 from .state import StateStore
 from .supervisor import Supervisor
 from .systemd import Notifier, watchdog_interval
-from .watcher import ConfigWatcher, Debouncer, WatchSet, watch_set
+from .watcher import ConfigWatcher, Debouncer, WatchSet, files_signature, watch_set
 
 log = logging.getLogger("anybilld")
 
@@ -103,6 +103,8 @@ class Daemon:
             self.started.set()
             return 2
         self.config = config
+        # Changes between this load and the watch being set up are found by comparing.
+        loaded = files_signature(config.files, config.include, base=self.config_path.parent)
         try:
             store = self._prepare_directories(config)
         except (OSError, OutputError) as exc:
@@ -156,6 +158,10 @@ class Daemon:
             self.notifier.ready(self._status_line())
             self.started.set()
             await self._start_watching(config, loop)
+            if loaded != await asyncio.to_thread(
+                files_signature, config.files, config.include, base=self.config_path.parent
+            ):
+                self.config_changed()
             await self._main_loop()
             return 0
         finally:

@@ -168,6 +168,23 @@ def watch_set(files: Iterable[Path], patterns: Iterable[str] = (), *, base: Path
     return WatchSet(dirs=frozenset(dirs), paths=frozenset(paths), patterns=tuple(globs))
 
 
+def files_signature(files: Iterable[Path], patterns: Iterable[str], *, base: Path) -> object:
+    """What the files look like now (identity, size, mtime, through symlinks) and which
+    files the include globs match: compared before and after the watch is set up, it shows
+    a change that no watcher could have seen."""
+    sig: list[object] = []
+    for f in files:
+        try:
+            st = os.stat(f)
+            sig.append((str(f), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+        except OSError:
+            sig.append((str(f), None))
+    for pattern in patterns:
+        full = os.path.join(base, pattern)
+        sig.append(tuple(sorted(glob.glob(full, recursive=True))))
+    return tuple(sig)
+
+
 # --------------------------------------------------------------------------- debouncing
 
 

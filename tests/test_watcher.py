@@ -13,7 +13,7 @@ import pytest
 from watchdog.observers.api import BaseObserver, EventEmitter
 
 from anybilld.clock import FakeClock
-from anybilld.watcher import ConfigWatcher, Debouncer, WatchSet, watch_set
+from anybilld.watcher import ConfigWatcher, Debouncer, WatchSet, files_signature, watch_set
 
 # --------------------------------------------------------------------------- watch_set
 
@@ -325,3 +325,22 @@ def test_a_directory_deleted_and_created_again_is_watched_again(tmp_path: Path, 
         assert back.wait(10)
     finally:
         w.stop()
+
+
+def test_the_files_signature_shows_a_change_no_watcher_saw(tmp_path: Path) -> None:
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text("a")
+    (tmp_path / "merchants.d").mkdir()
+
+    def sig() -> object:
+        return files_signature([cfg], ["merchants.d/*.yaml"], base=tmp_path)
+
+    first = sig()
+    cfg.read_text()
+    (tmp_path / "merchants.d" / "README").write_text("x")
+    assert sig() == first
+    rename_over(cfg, "a")  # same content, another file
+    second = sig()
+    assert second != first
+    (tmp_path / "merchants.d" / "store.yaml").write_text("merchants: []")
+    assert sig() != second
