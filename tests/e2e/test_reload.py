@@ -298,7 +298,11 @@ def test_a_file_added_to_and_removed_from_merchants_d(
     (folder / "merchants.d" / "munich.yaml").unlink()
     wait_for(lambda: live(d) == {"berlin"}, what="munich removed")
     wait_for(lambda: not munich_file.exists(), what="munich's file removed")
-    assert not (d.state_dir / "munich").exists() or not any((d.state_dir / "munich").iterdir())
+    munich_state = d.state_dir / "munich"
+    wait_for(
+        lambda: not munich_state.exists() or not any(munich_state.iterdir()),
+        what="munich's state removed",
+    )
     assert password_logins(emu, mark) == ["svc-munich"]
     assert snapshot(d, "berlin") == berlin
 
@@ -431,9 +435,13 @@ def test_a_mistyped_new_password_never_drops_the_working_token(
     wait_for(refreshed_after_refusal, what="a refresh with the old grant after the refusal")
     blocked = 'anybilld_token_blocked{merchant="berlin",reason="credentials",scope="bill"}'
     wait_for(lambda: d.metrics().get(blocked) == 1, what="the refusal shown on /metrics")
+
     # The token consumers read is valid and was issued after the refusal.
-    doc = d.read_json("berlin", "bill")
-    assert doc is not None and emu.introspect(doc["access_token"])["active"]
+    def valid_token_published() -> bool:
+        doc = d.read_json("berlin", "bill")
+        return doc is not None and bool(emu.introspect(doc["access_token"])["active"])
+
+    wait_for(valid_token_published, what="a valid token in the file")
     assert password_logins(emu, mark) == ["svc-berlin"]  # tried once, not again and again
 
     # The fix logs in at once; the token set is ok again.
