@@ -498,3 +498,31 @@ def test_a_password_changed_while_stopped_logs_in_at_start_like_a_reload(
     assert [r["username"] for r in emu.requests(mark)] == ["svc-berlin"]
     assert snapshot(again, "hamburg") == hamburg
     assert again.stop() == 0
+
+
+def test_new_outputs_and_timing_rewrite_files_without_a_request(
+    tmp_path: Path, emu: EmulatorProcess, daemons: list[DaemonProcess]
+) -> None:
+    d = start(daemons, tmp_path / "d", config(emu, [m("berlin"), m("hamburg")]))
+    wait_for(lambda: published(d, {"berlin", "hamburg"}), what="first tokens")
+    before = {mid: snapshot(d, mid) for mid in ("berlin", "hamburg")}
+    token = (d.read_json("berlin", "bill") or {})["access_token"]
+    due = {k[0]: t["next_refresh_at"] for k, t in d.token_sets().items()}
+    mark = last_request_id(emu)
+
+    raw = {"path": "raw/{merchant}-{scope}", "format": "raw", "mode": "0600"}
+    berlin = dict(m("berlin"), outputs=[{"path": "{merchant}/{scope}.json"}, raw])
+    cfg = dict(d.config, merchants=[berlin, m("hamburg")])
+    cfg["refresh"] = dict(REFRESH, at=0.3, jitter=0.05)
+    rename_same_dir(d, d.config_path, dump(cfg))
+
+    raw_file = d.output_dir / "raw" / "berlin-bill"
+    wait_for(raw_file.exists, what="berlin's new raw output")
+    assert raw_file.read_text() == token  # the token held, no new login
+    assert "config reloaded: added=0 changed=2 removed=0 unchanged=0" in d.log()
+    assert emu.requests(mark) == []
+    assert {mid: snapshot(d, mid) for mid in before} == before
+    # Rescheduled at 30 % ± 5 % of the lifetime instead of 50 % ± 10 %: earlier.
+    now_due = {k[0]: t["next_refresh_at"] for k, t in d.token_sets().items()}
+    assert all(now_due[mid] < due[mid] for mid in due), (due, now_due)
+    assert d.stop() == 0
