@@ -308,7 +308,8 @@ class Daemon:
             try:
                 await asyncio.to_thread(self.watcher.start, self._watching)
             except Exception as exc:
-                log.error("cannot watch the config (%s); reload with SIGHUP", exc)
+                log.error("cannot watch the config (%s); trying again; SIGHUP reloads", exc)
+                self._schedule_watcher_restart()
                 return
         log.info(
             "watching %d directories for config changes (%s)",
@@ -355,28 +356,35 @@ class Daemon:
     def _watcher_died(self, what: str, error: BaseException | None) -> None:
         if self._stop.is_set() or (self._restarting and not self._restarting.done()):
             return
-        self._watcher_deaths += 1
         log.error(
             "the config watcher's %s thread died (%s); starting it again",
             what,
             f"{type(error).__name__}: {error}" if error is not None else "ended",
         )
-        self._restarting = asyncio.ensure_future(self._restart_watcher())
+        self._schedule_watcher_restart()
+
+    def _schedule_watcher_restart(self) -> None:
+        if self._restarting is None or self._restarting.done():
+            self._restarting = asyncio.ensure_future(self._restart_watcher())
 
     async def _restart_watcher(self) -> None:
-        delay = min(WATCHER_RESTART_MAX, WATCHER_RESTART_DELAY * 2 ** (self._watcher_deaths - 1))
-        await self.clock.sleep(delay)
-        if self.watcher is None or self._watching is None or self._stop.is_set():
-            return
-        async with self._watcher_lock:
-            try:
-                await asyncio.to_thread(self.watcher.start, self._watching)
-            except Exception as exc:
-                log.error("cannot restart the config watcher (%s); reload with SIGHUP", exc)
+        """Start the watcher again after a backoff, until it runs; then reload."""
+        while not self._stop.is_set():
+            self._watcher_deaths += 1
+            exp = min(self._watcher_deaths - 1, 16)
+            await self.clock.sleep(min(WATCHER_RESTART_MAX, WATCHER_RESTART_DELAY * 2**exp))
+            if self.watcher is None or self._watching is None or self._stop.is_set():
                 return
-        log.info("config watcher running again (%s)", self.watcher.using)
-        # Whatever changed while nobody watched is picked up now.
-        self.request_reload()
+            async with self._watcher_lock:
+                try:
+                    await asyncio.to_thread(self.watcher.start, self._watching)
+                except Exception as exc:
+                    log.error("cannot restart the config watcher (%s); trying again", exc)
+                    continue
+            log.info("config watcher running again (%s)", self.watcher.using)
+            # Whatever changed while nobody watched is picked up now.
+            self.request_reload()
+            return
 
     async def _stop_watching(self) -> None:
         if self._debouncer is not None:

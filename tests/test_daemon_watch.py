@@ -71,7 +71,7 @@ async def test_a_dead_watcher_is_restarted_and_a_reload_follows(tmp_path: Path) 
     d = Daemon(config_path=cfg, clock=clock, make_inotify=make)
     await d._start_watching(load_config(cfg), asyncio.get_running_loop())
     try:
-        await eventually(lambda: d._restarting is not None)
+        await eventually(lambda: d._restarting is not None and clock.sleeping)
         assert not d._reload.is_set()
         await clock.advance(WATCHER_RESTART_DELAY)
         await eventually(lambda: d._reload.is_set())
@@ -84,5 +84,32 @@ async def test_a_dead_watcher_is_restarted_and_a_reload_follows(tmp_path: Path) 
         await eventually(lambda: clock.sleeping)
         await clock.advance(DEBOUNCE_QUIET)
         assert d._reload.is_set()
+    finally:
+        await d._stop_watching()
+
+
+async def test_a_watcher_that_cannot_start_is_tried_again(tmp_path: Path) -> None:
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(CONFIG)
+    clock = FakeClock()
+    calls: list[int] = []
+
+    def make() -> BaseObserver:
+        calls.append(1)
+        if len(calls) <= 2:
+            raise RuntimeError("no observer today")
+        return InotifyObserver()
+
+    d = Daemon(config_path=cfg, clock=clock, make_inotify=make)
+    await d._start_watching(load_config(cfg), asyncio.get_running_loop())
+    try:
+        assert len(calls) == 1 and d._restarting is not None
+        await eventually(lambda: clock.sleeping)
+        await clock.advance(WATCHER_RESTART_DELAY)  # second try fails too
+        await eventually(lambda: len(calls) == 2 and clock.sleeping)
+        assert not d._reload.is_set()
+        await clock.advance(2 * WATCHER_RESTART_DELAY)  # backed off, third try works
+        await eventually(lambda: d._reload.is_set())
+        assert d.watcher is not None and d.watcher.using == "inotify"
     finally:
         await d._stop_watching()
