@@ -62,6 +62,18 @@ from .config import WatchMode
 
 log = logging.getLogger("anybilld.watcher")
 
+
+class _QuietEndedEmitter(logging.Filter):
+    """watchdog logs an ERROR when the emitter of a deleted directory reads once more
+    after stopping itself (a ConfigMap's old data directory going, say): harmless, and
+    handled here by renewing the watch, so it must not alarm anyone reading the log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "called when the thread is inactive" not in record.getMessage()
+
+
+logging.getLogger("watchdog.observers.inotify").addFilter(_QuietEndedEmitter())
+
 # Opening, reading and closing a file unchanged (our own loads!) or touching its atime are
 # not changes; only these are.
 _CHANGES = frozenset(
