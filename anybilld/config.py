@@ -547,7 +547,7 @@ class _Loader:
         root = read_document(Doc(self.source, self.problems))
         top = None if root is None else mapping(root, _TOP_KEYS)
         if root is None or top is None:
-            raise ConfigError(self.problems)
+            raise ConfigError(self.problems, files=tuple(self.files))
         self._version(top, root)
         identity = self._identity(top, root)
         refresh = self._refresh(_section(top.get("refresh"), _REFRESH_KEYS))
@@ -591,7 +591,7 @@ class _Loader:
         )
         self._check_output_paths(config, output_values)
         if self.problems:
-            raise ConfigError(self._in_reading_order())
+            raise ConfigError(self._in_reading_order(), files=config.files, include=patterns)
         return config
 
     def _in_reading_order(self) -> list[ConfigProblem]:

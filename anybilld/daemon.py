@@ -3,8 +3,11 @@
 Startup loads the config (a broken config at start is fatal: exit 2 listing every
 problem), prepares the directories, binds the listener and starts one keeper per token set,
 then tells systemd READY=1 — before any token is fetched, so a dead identity provider never
-makes a start time out. The main loop waits on events that signal handlers set: stop and
-reload. Shutdown is ordered and bounded: STOPPING=1, keepers stopped (a token being saved
+makes a start time out, and starts watching the config's directories. The main loop waits
+on events that signal handlers and the watcher set: stop and reload. Reloads run one at a
+time; whatever asks for a reload while one runs (SIGHUP, a file change) gets exactly one
+more afterwards, so the running config ends up equal to what is on disk. Shutdown is
+ordered and bounded: STOPPING=1, watcher stopped, keepers stopped (a token being saved
 finishes), listener closed, HTTP client closed.
 """
 
@@ -14,12 +17,13 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry
+from watchdog.observers.api import BaseObserver
 
 from .clock import Clock, SystemClock
 from .config import Config, load_config
@@ -32,11 +36,19 @@ from .metrics import Metrics
 from .state import StateStore
 from .supervisor import Supervisor
 from .systemd import Notifier, watchdog_interval
+from .watcher import ConfigWatcher, Debouncer, WatchSet, files_signature, watch_set
 
 log = logging.getLogger("anybilld")
 
 SHUTDOWN_TIMEOUT = 3.0
 STATUS_INTERVAL = 5.0
+# A save is usually a burst of events (truncate, write, close; or create, write, rename):
+# reload once it has been quiet this long, and at the latest this long after it began.
+DEBOUNCE_QUIET = 0.3
+DEBOUNCE_MAX_WAIT = 3.0
+# A watcher that died is started again after this long (doubling while it keeps dying).
+WATCHER_RESTART_DELAY = 1.0
+WATCHER_RESTART_MAX = 60.0
 
 
 def log_config_error(err: ConfigError, *, what: str) -> None:
@@ -59,12 +71,27 @@ class Daemon:
     started: asyncio.Event = field(default_factory=asyncio.Event)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _reload: asyncio.Event = field(default_factory=asyncio.Event)
+    watcher: ConfigWatcher | None = None
+    # The inotify observer's factory; tests inject a failing one.
+    make_inotify: Callable[[], BaseObserver] | None = None
+    _debouncer: Debouncer | None = None
+    _watching: WatchSet | None = None
+    _watcher_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _watcher_deaths: int = 0
+    _restarting: asyncio.Task[None] | None = None
 
     def request_stop(self) -> None:
         self._stop.set()
 
     def request_reload(self) -> None:
         self._reload.set()
+
+    def config_changed(self, path: str = "") -> None:
+        """A watched file changed: reload once the burst of events is over."""
+        if path:
+            log.debug("config change: %s", path)
+        if self._debouncer is not None and not self._stop.is_set():
+            self._debouncer.poke()
 
     # ------------------------------------------------------------------ phases
 
@@ -76,6 +103,8 @@ class Daemon:
             self.started.set()
             return 2
         self.config = config
+        # Changes between this load and the watch being set up are found by comparing.
+        loaded = files_signature(config.files, config.include, base=self.config_path.parent)
         try:
             store = self._prepare_directories(config)
         except (OSError, OutputError) as exc:
@@ -128,12 +157,18 @@ class Daemon:
             )
             self.notifier.ready(self._status_line())
             self.started.set()
+            await self._start_watching(config, loop)
+            if loaded != await asyncio.to_thread(
+                files_signature, config.files, config.include, base=self.config_path.parent
+            ):
+                self.config_changed()
             await self._main_loop()
             return 0
         finally:
             self.started.set()
             self.notifier.stopping()
             log.info("stopping")
+            await self._stop_watching()
             client.stop_sending()
             await supervisor.stop(SHUTDOWN_TIMEOUT)
             await listener.stop()
@@ -202,6 +237,9 @@ class Daemon:
             log_config_error(err, what="reload failed, keeping the running config")
             self._metrics.config_loaded(False, self.clock.time())
             self._last_reload_ok = False
+            # Keep watching what the running config needs, and what the broken one read:
+            # the fix may land in any of those files.
+            await self._rewatch(err.files, err.include, keep=True)
         else:
             moved = [
                 key
@@ -216,6 +254,7 @@ class Daemon:
                     "only after a restart",
                     " and ".join(moved),
                 )
+                await self._rewatch(config.files, config.include, keep=True)
                 self._metrics.config_loaded(False, self.clock.time())
                 self._last_reload_ok = False
                 self.notifier.ready(self._status_line())
@@ -230,6 +269,9 @@ class Daemon:
                     "identity connection settings (caps, timeout, CA bundle) take effect "
                     "only after a restart; token URL, policy and client are applied now"
                 )
+            await self._rewatch(config.files, config.include, keep=False)
+            if config.reload != self.config.reload:
+                await self._change_watch_mode(config)
             self.config = config
             diff = await self.supervisor.apply(config)
             self._metrics.config_loaded(True, self.clock.time())
@@ -237,6 +279,121 @@ class Daemon:
             self._last_reload_ok = True
             log.info("config reloaded: %s", diff.summary())
         self.notifier.ready(self._status_line())
+
+    # ------------------------------------------------------------------ watching
+
+    def _watch_set(self, files: tuple[Path, ...], include: tuple[str, ...]) -> WatchSet:
+        return watch_set(files or (self.config_path,), include, base=self.config_path.parent)
+
+    async def _start_watching(self, config: Config, loop: asyncio.AbstractEventLoop) -> None:
+        self._debouncer = Debouncer(
+            self.clock, self.request_reload, quiet=DEBOUNCE_QUIET, max_wait=DEBOUNCE_MAX_WAIT
+        )
+
+        def on_event(path: str) -> None:  # an observer thread
+            loop.call_soon_threadsafe(self.config_changed, path)
+
+        def on_death(what: str, error: BaseException | None) -> None:  # an observer thread
+            loop.call_soon_threadsafe(self._watcher_died, what, error)
+
+        self.watcher = ConfigWatcher(
+            mode=config.reload.watch,
+            poll_interval=config.reload.poll_interval,
+            on_event=on_event,
+            on_death=on_death,
+            make_inotify=self.make_inotify,
+        )
+        self._watching = await asyncio.to_thread(self._watch_set, config.files, config.include)
+        async with self._watcher_lock:
+            try:
+                await asyncio.to_thread(self.watcher.start, self._watching)
+            except Exception as exc:
+                log.error("cannot watch the config (%s); trying again; SIGHUP reloads", exc)
+                self._schedule_watcher_restart()
+                return
+        log.info(
+            "watching %d directories for config changes (%s)",
+            len(self._watching.dirs),
+            self.watcher.using,
+        )
+
+    async def _rewatch(
+        self, files: tuple[Path, ...], include: tuple[str, ...], *, keep: bool
+    ) -> None:
+        """Watch what the config just loaded needs. A directory new to the watch may have
+        changed between the load and now, so it earns one more (debounced) reload."""
+        if self.watcher is None or self._watching is None:
+            return
+        ws = await asyncio.to_thread(self._watch_set, files, include)
+        if keep:
+            ws = ws | self._watching
+        if ws == self._watching:
+            return
+        self._watching = ws
+        async with self._watcher_lock:
+            try:
+                added = await asyncio.to_thread(self.watcher.update, ws)
+            except Exception as exc:
+                log.error("cannot update the config watch (%s); reload with SIGHUP", exc)
+                return
+        if added:
+            self.config_changed()
+
+    async def _change_watch_mode(self, config: Config) -> None:
+        """A new reload.watch or poll_interval: the same watch set on a new observer."""
+        if self.watcher is None or self._watching is None:
+            return
+        self.watcher.mode = config.reload.watch
+        self.watcher.poll_interval = config.reload.poll_interval
+        async with self._watcher_lock:
+            try:
+                await asyncio.to_thread(self.watcher.start, self._watching)
+            except Exception as exc:
+                log.error("cannot watch the config (%s); reload with SIGHUP", exc)
+                return
+        log.info("now watching the config with %s", self.watcher.using)
+
+    def _watcher_died(self, what: str, error: BaseException | None) -> None:
+        if self._stop.is_set() or (self._restarting and not self._restarting.done()):
+            return
+        log.error(
+            "the config watcher's %s thread died (%s); starting it again",
+            what,
+            f"{type(error).__name__}: {error}" if error is not None else "ended",
+        )
+        self._schedule_watcher_restart()
+
+    def _schedule_watcher_restart(self) -> None:
+        if self._restarting is None or self._restarting.done():
+            self._restarting = asyncio.ensure_future(self._restart_watcher())
+
+    async def _restart_watcher(self) -> None:
+        """Start the watcher again after a backoff, until it runs; then reload."""
+        while not self._stop.is_set():
+            self._watcher_deaths += 1
+            exp = min(self._watcher_deaths - 1, 16)
+            await self.clock.sleep(min(WATCHER_RESTART_MAX, WATCHER_RESTART_DELAY * 2**exp))
+            if self.watcher is None or self._watching is None or self._stop.is_set():
+                return
+            async with self._watcher_lock:
+                try:
+                    await asyncio.to_thread(self.watcher.start, self._watching)
+                except Exception as exc:
+                    log.error("cannot restart the config watcher (%s); trying again", exc)
+                    continue
+            log.info("config watcher running again (%s)", self.watcher.using)
+            # Whatever changed while nobody watched is picked up now.
+            self.request_reload()
+            return
+
+    async def _stop_watching(self) -> None:
+        if self._debouncer is not None:
+            self._debouncer.cancel()
+        if self._restarting is not None:
+            self._restarting.cancel()
+        if self.watcher is not None:
+            async with self._watcher_lock:
+                await asyncio.to_thread(self.watcher.stop)
 
     # ------------------------------------------------------------------ reporting
 
@@ -255,6 +412,7 @@ class Daemon:
             "path": str(self.config_path),
             "last_reload_successful": self._last_reload_ok,
             "last_reload_success_at": self._reloaded_at,
+            "watch": self.watcher.using if self.watcher is not None else "none",
         }
 
     async def _status_ticker(self) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from pathlib import Path
 from typing import TypedDict, Unpack
 
 
@@ -48,8 +49,18 @@ class ConfigProblem:
 class ConfigError(AnybilldError):
     """The config is invalid; ``problems`` lists every mistake found, not only the first."""
 
-    def __init__(self, problems: list[ConfigProblem]) -> None:
+    def __init__(
+        self,
+        problems: list[ConfigProblem],
+        *,
+        files: tuple[Path, ...] = (),
+        include: tuple[str, ...] = (),
+    ) -> None:
         self.problems = list(problems)
+        # What the failed load read (and its include globs): a watcher keeps watching
+        # them, so that fixing any one of them is noticed.
+        self.files = files
+        self.include = include
         super().__init__("\n".join(str(p) for p in self.problems))
 
 

@@ -9,6 +9,12 @@ what a failure means, and it decides in one place (``_renew``):
 - permanent: the token set is blocked until ``blocked_retry`` has passed or its identity
   (username, secret, client, URL, policy, scope) changes.
 
+A new password (a rotation, by reload or while stopped) means a password login with it at
+once, but the refresh grant of the previous password is kept until that login succeeds: if
+the new password is refused (a typo), the token set is shown blocked and logs the refusal,
+yet keeps refreshing with the old grant, so consumers never lose a working token; the new
+password is tried again after ``blocked_retry`` or when the config or secret changes.
+
 The token sets of one service account (one username at one IdP) share an ``Account``:
 their password logins run one at a time, and a credential failure blocks the password
 logins of all of them, so a merchant with five scopes never spends five of its ten lockout
@@ -120,6 +126,11 @@ def _credentials_text(spec: TokenSetSpec) -> str:
     return "\0".join((*_credentials(spec)[:2], spec.password.reveal()))
 
 
+def _same_grant(a: TokenSetSpec, b: TokenSetSpec) -> bool:
+    """Whether a refresh grant of ``a`` serves ``b``: all but the password are the same."""
+    return a.grant_fingerprint() == b.grant_fingerprint() and a.scope.uri == b.scope.uri
+
+
 @dataclass(kw_only=True)
 class Account:
     """A merchant's service account, shared by its token sets."""
@@ -171,6 +182,11 @@ class Keeper:
 
         self._access: Secret | None = None
         self._refresh: Secret | None = None
+        # Digest of the credentials whose password login obtained _refresh; differing from
+        # the spec's, a login with the new password is owed. _owed_block: that login was
+        # refused, and is not tried again before it ends (the old grant carries on).
+        self._grant_credentials: str | None = None
+        self._owed_block: _Block | None = None
         self._first_sign_in: float | None = None
         self._obtained_wall: float | None = None
         self._obtained_mono: float | None = None
@@ -238,7 +254,10 @@ class Keeper:
         old, self.spec = self.spec, spec
         now = self.rt.clock.monotonic()
         if old.login_fingerprint() != spec.login_fingerprint():
-            self._refresh = None
+            if not _same_grant(old, spec):
+                self._refresh = None
+            # else only the password changed: the old grant stays until the new one works.
+            self._owed_block = None
             if self.block is not None:
                 self.block = None
                 self.state = TokenState.OK if self.has_valid_token else TokenState.PENDING
@@ -368,7 +387,18 @@ class Keeper:
         ):
             self._refresh = stored.refresh_token
             self.refresh_expires_at = stored.refresh_token_expires_at
+        self._grant_credentials = stored.grant_credentials or self._digest(spec)
         self._restore_block(stored, now_wall, now_mono)
+        owed = self._login_owed(spec)
+        if owed and self.block is not None:
+            # The new password was refused before the restart: the old grant carries on.
+            self._owed_block = self.block
+            self._due = now_mono
+        elif owed:
+            # Like a reload with a new password: log in with it now, keeping the old grant
+            # should it be refused.
+            self._due = now_mono
+            self._log(logging.INFO, "the password changed since the last login; logging in")
         expires = stored.access_token_expires_at
         if stored.access_token is None or expires is None or expires <= now_wall:
             return
@@ -379,8 +409,12 @@ class Keeper:
         self._lifetime = max(1.0, expires - stored.obtained_at)
         # Wall clock is the only bridge across a restart; from here on, monotonic.
         self._obtained_mono = now_mono - (now_wall - stored.obtained_at)
-        if self.block is None:
+        if self._owed_block is not None:
             self._due = self._obtained_mono + self._delay(self._lifetime)
+        elif self.block is None and not owed:
+            self._due = self._obtained_mono + self._delay(self._lifetime)
+            self.state = TokenState.OK
+        elif self.block is None:
             self.state = TokenState.OK
         self._log(logging.INFO, "reusing stored token", expires_at=_iso(expires))
         await self._flush()
@@ -438,6 +472,11 @@ class Keeper:
         spec = self.spec  # read anew on every attempt: a reload may have replaced it
         self._attempt_spec = spec
         self._restart.clear()
+        if self._refresh is not None and not self._refresh_expired() and self._login_owed(spec):
+            owed = await self._owed_login(spec)
+            if owed is not None:
+                await self._accept(owed, spec, "password")
+                return
         if self._refresh is not None and not self._refresh_expired():
             try:
                 grant = await self._request(refresh_request(spec, self._refresh), spec)
@@ -463,6 +502,52 @@ class Keeper:
         exp = self.refresh_expires_at
         return exp is not None and exp <= self.rt.clock.time()
 
+    def _digest(self, spec: TokenSetSpec) -> str:
+        return self.rt.store.digest(_credentials_text(spec))
+
+    def _login_owed(self, spec: TokenSetSpec) -> bool:
+        """Whether the refresh grant held was obtained with another password than ``spec``'s."""
+        return (
+            self._refresh is not None
+            and self._grant_credentials is not None
+            and self._grant_credentials != self._digest(spec)
+        )
+
+    def _owed_block_for(self, spec: TokenSetSpec, now: float) -> _Block | None:
+        b = self._owed_block
+        if b is None or b.until <= now or b.credentials != _credentials(spec):
+            return None
+        return b
+
+    async def _owed_login(self, spec: TokenSetSpec) -> Grant | None:
+        """The password login a new password owes, while an old grant still works.
+
+        None when it is blocked or refused: the caller then refreshes with the old grant.
+        Transient failures propagate and are retried like any other.
+        """
+        now = self.rt.clock.monotonic()
+        if self._owed_block_for(spec, now) is not None:
+            return None
+        try:
+            return await self._password_login(spec)
+        except PermanentError as exc:
+            if spec.login_fingerprint() != self.spec.login_fingerprint():
+                return None  # replaced meanwhile: the loop tries the newest at once
+            account_block = self.account.blocked(spec, now)
+            if exc.reason.whole_merchant and account_block is not None:
+                until = account_block.until
+            else:
+                until = now + spec.refresh.blocked_retry
+            self._owed_block = _Block(error=exc, until=until, earned_by=spec)
+            self._fail(
+                exc,
+                None,
+                f"the new password was refused ({exc.reason.value}); keeping the token "
+                f"fresh with the grant of the previous one; the new one is tried again in "
+                f"{until - now:.0f}s or when the config or secret changes",
+            )
+            return None
+
     async def _password_login(self, spec: TokenSetSpec) -> Grant:
         async with self.account.lock:
             now = self.rt.clock.monotonic()
@@ -481,9 +566,13 @@ class Keeper:
                 raise
 
     async def _accept(self, grant: Grant, spec: TokenSetSpec, via: GrantType) -> None:
-        if spec.login_fingerprint() != self.spec.login_fingerprint():
+        if spec.login_fingerprint() != self.spec.login_fingerprint() and not (
+            via == "refresh" and _same_grant(spec, self.spec)
+        ):
             # A reload changed the identity while this request was in flight: the answer
-            # belongs to the old identity. The loop logs in anew at once.
+            # belongs to the old identity. The loop logs in anew at once. (A refresh of the
+            # same grant under a new password is kept: its old refresh token may be spent,
+            # and the new password's login follows at once all the same.)
             self._due = self.rt.clock.monotonic()
             return
         now_wall, now_mono = self.rt.clock.time(), self.rt.clock.monotonic()
@@ -491,6 +580,8 @@ class Keeper:
             self._first_sign_in = now_wall
             self._refresh = None
             self.refresh_expires_at = None
+            self._grant_credentials = self._digest(spec)
+            self._owed_block = None
         if grant.refresh_token is not None:
             self._refresh = grant.refresh_token
             lifetime = grant.refresh_token_expires_in or DEFAULT_REFRESH_TOKEN_LIFETIME
@@ -505,6 +596,10 @@ class Keeper:
         self.consecutive_failures = 0
         self.last_error = None
         self.block = None
+        owed = self._owed_block_for(self.spec, now_mono)
+        if owed is not None:
+            # Fresh tokens, but the new password is still refused: shown, and alerted on.
+            self.block, self.state, self.last_error = owed, TokenState.BLOCKED, owed.error
         self._log(
             logging.INFO,
             "token obtained",
@@ -595,6 +690,7 @@ class Keeper:
             access_token=self._access,
             access_token_expires_at=self.access_expires_at,
             obtained_at=self._obtained_wall or 0.0,
+            grant_credentials=self._grant_credentials,
             **blocked,
         )
 

@@ -70,6 +70,11 @@ class StoredGrant:
     blocked_reason: str | None = None
     blocked_code: str | None = None
     blocked_credentials: str | None = None
+    # The same digest of the credentials whose password login obtained this grant. When
+    # the configured password differs (a rotation while stopped), the next start logs in
+    # with the new one at once, as a reload would, and keeps this grant until that works.
+    # None in files written before it existed: the grant is taken as the current one's.
+    grant_credentials: str | None = None
 
 
 class StateStore:
@@ -282,6 +287,7 @@ def _encode(grant: StoredGrant) -> bytes:
         "blocked_reason": grant.blocked_reason,
         "blocked_code": grant.blocked_code,
         "blocked_credentials": grant.blocked_credentials,
+        "grant_credentials": grant.grant_credentials,
     }
     # allow_nan=False: a NaN time is a bug upstream, and would not load again anyway.
     return (json.dumps(doc, indent=2, allow_nan=False) + "\n").encode()
@@ -332,6 +338,9 @@ def _decode(raw: bytes) -> StoredGrant:
         blocked_code=_opt_text(doc, "blocked_code") if "blocked_code" in doc else None,
         blocked_credentials=(
             _opt_text(doc, "blocked_credentials") if "blocked_credentials" in doc else None
+        ),
+        grant_credentials=(
+            _opt_text(doc, "grant_credentials") if "grant_credentials" in doc else None
         ),
     )
 
