@@ -847,7 +847,8 @@ def test_lone_surrogate_escape_is_refused(tmp_path: Path, monkeypatch: pytest.Mo
 @pytest.mark.usefixtures("loader")
 def test_a_bad_secret_never_shows_in_the_error(tmp_path: Path, line: str) -> None:
     main = write(tmp_path / "c.yaml", HEAD + MERCHANT.replace("password: pw", line))
-    message = str(ConfigError(problems_of(main)))
+    # The file's own path is named in every problem; its digits are not the secret's.
+    message = str(ConfigError(problems_of(main))).replace(str(tmp_path), "<dir>")
     for fragment in ("hunter2", "0123456", "83", "1234567", "3456", "yes", "true"):
         assert fragment not in message
 
