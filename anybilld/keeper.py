@@ -303,6 +303,9 @@ class Keeper:
                 await self._renew(stop=stop_after_attempt(ONCE_ATTEMPTS) if once else None)
                 if once:
                     return
+                # A renewal may end without suspending (a failure raised before any I/O);
+                # yield, so that a keeper can never keep the loop from everything else.
+                await asyncio.sleep(0)
                 continue
             if once:
                 return
@@ -425,8 +428,14 @@ class Keeper:
         )
         try:
             await retrying(self._obtain)
-        except (_Stopping, ClientClosed):
+        except _Stopping:
             pass  # shutting down: nothing failed, and nothing more is sent
+        except ClientClosed:
+            # The daemon closed the client and is about to stop every keeper. Until this
+            # one's stop() arrives, the renewal stays due: returning at once would make the
+            # loop call it again and again without ever yielding, starving the very stop()
+            # it waits for (a SIGTERM during an outage hung the daemon that way).
+            await self._stopping.wait()
         except TransientError as exc:  # only with a stop: a --once run gave up
             self._fail(exc, TokenState.RETRYING)
         except PermanentError as exc:
