@@ -47,6 +47,7 @@ time, like the rate limit) after it was queued, even with ``times`` left; GET sh
 seconds still left as ``for_seconds``. The kinds:
 
     throttle      429; retry_after: int seconds, an HTTP-date string, or absent;
+                  or retry_after_date: N, an HTTP date N seconds after the emulator's now;
                   body: "json" (AADB2C90229, the default) or "text"
     error         a B2C error answer for any code: code ("AADB2C90035" or "90035"),
                   status (400), optional error (the OAuth error) and message
@@ -83,6 +84,7 @@ import binascii
 import collections
 import contextlib
 import dataclasses
+import email.utils
 import hashlib
 import hmac
 import itertools
@@ -374,7 +376,7 @@ class _Grant:
 
 _FAULT_KINDS = frozenset({"throttle", "error", "server_error", "html200", "raw", "reset", "hang"})
 _FAULT_FIELDS: dict[str, frozenset[str]] = {
-    "throttle": frozenset({"retry_after", "body"}),
+    "throttle": frozenset({"retry_after", "retry_after_date", "body"}),
     "error": frozenset({"code", "status", "error", "message"}),
     "server_error": frozenset({"status"}),
     "html200": frozenset(),
@@ -436,6 +438,11 @@ def _parse_fault(raw: object) -> _Fault:
         ra = raw.get("retry_after")
         if ra is not None and (isinstance(ra, bool) or not isinstance(ra, int | str)):
             raise ValueError("retry_after must be integer seconds or an HTTP-date string")
+        rad = raw.get("retry_after_date")
+        if rad is not None and (isinstance(rad, bool) or not isinstance(rad, int) or rad < 0):
+            raise ValueError("retry_after_date must be integer seconds from the emulator's now")
+        if ra is not None and rad is not None:
+            raise ValueError("give retry_after or retry_after_date, not both")
         if raw.get("body", "json") not in ("json", "text"):
             raise ValueError('throttle body must be "json" or "text"')
     elif kind == "error":
@@ -681,6 +688,8 @@ class Emulator:
         headers = self._headers()
         if kind == "throttle":
             ra = spec.get("retry_after")
+            if spec.get("retry_after_date") is not None:
+                ra = email.utils.formatdate(now + int(spec["retry_after_date"]), usegmt=True)
             extra = [] if ra is None else [("Retry-After", str(ra))]
             record["status"] = 429
             if spec.get("body", "json") == "json":
@@ -719,7 +728,14 @@ class Emulator:
     def _headers(self) -> list[tuple[str, str]]:
         # uuid-shaped and unique without a uuid4 per answer: a random prefix and a counter.
         request_id = f"{self._request_id_prefix}{next(self._request_ids):012x}"
-        return [("Cache-Control", "private"), ("x-ms-gateway-requestid", request_id)]
+        # Date on the emulator clock, as every origin server with a clock sends it (RFC 9110
+        # 6.6.1): with a moved clock, the answers show the server's time, skew and all.
+        date = email.utils.formatdate(self.now(), usegmt=True)
+        return [
+            ("Cache-Control", "private"),
+            ("x-ms-gateway-requestid", request_id),
+            ("Date", date),
+        ]
 
     def _error_response(
         self,

@@ -162,6 +162,10 @@ class Keeper:
         self.access_expires_at: float | None = None  # of the token held
         self.published_expires_at: float | None = None  # of the token in every file
         self.refresh_expires_at: float | None = None
+        # The same expiry on the monotonic clock, which decides: a wall-clock jump (NTP
+        # fixing a wrong clock) must not make a good refresh token look dead, or a dead
+        # one good. Wall time only bridges a restart.
+        self._refresh_deadline: float | None = None
         self.last_success_at: float | None = None
         self.consecutive_failures = 0
         self.last_error: IdentityError | None = None
@@ -371,6 +375,8 @@ class Keeper:
         ):
             self._refresh = stored.refresh_token
             self.refresh_expires_at = stored.refresh_token_expires_at
+            if stored.refresh_token_expires_at is not None:
+                self._refresh_deadline = now_mono + (stored.refresh_token_expires_at - now_wall)
         self._restore_block(stored, now_wall, now_mono)
         expires = stored.access_token_expires_at
         if stored.access_token is None or expires is None or expires <= now_wall:
@@ -469,8 +475,8 @@ class Keeper:
             self._in_request = False
 
     def _refresh_expired(self) -> bool:
-        exp = self.refresh_expires_at
-        return exp is not None and exp <= self.rt.clock.time()
+        deadline = self._refresh_deadline
+        return deadline is not None and deadline <= self.rt.clock.monotonic()
 
     async def _password_login(self, spec: TokenSetSpec) -> Grant:
         async with self.account.lock:
@@ -499,11 +505,12 @@ class Keeper:
         if via == "password":
             self._first_sign_in = now_wall
             self._refresh = None
-            self.refresh_expires_at = None
+            self.refresh_expires_at = self._refresh_deadline = None
         if grant.refresh_token is not None:
             self._refresh = grant.refresh_token
             lifetime = grant.refresh_token_expires_in or DEFAULT_REFRESH_TOKEN_LIFETIME
             self.refresh_expires_at = now_wall + lifetime
+            self._refresh_deadline = now_mono + lifetime
         self._access = grant.access_token
         self._lifetime = grant.expires_in
         self._obtained_wall, self._obtained_mono = now_wall, now_mono
