@@ -128,7 +128,7 @@ def test_a_wall_clock_jump_on_the_local_machine_changes_nothing(
     daemons.append(d)
     marks = []
     for offset in ("+1d", "-1d", "+0"):
-        wait_for(lambda: len(ok_grants(emu)) >= 3 * (len(marks) + 1), what="refreshes")
+        wait_for(lambda: len(ok_grants(emu)) >= 3 + 2 * len(marks), what="refreshes")
         marks.append(emu.requests()[-1]["id"])
         jump(offset)
         if offset == "+1d":
@@ -138,7 +138,7 @@ def test_a_wall_clock_jump_on_the_local_machine_changes_nothing(
                 return doc is not None and doc["expires_at_unix"] > emu.now() + DAY / 2
 
             wait_for(dated_ahead, what="a token file dated a day ahead")
-    wait_for(lambda: len(ok_grants(emu, marks[-1])) >= 3, what="refreshes after the last jump")
+    wait_for(lambda: len(ok_grants(emu, marks[-1])) >= 2, what="refreshes after the last jump")
     grants = ok_grants(emu)
     assert [g["grant_type"] for g in grants].count("password") == 1
     assert all(r["status"] == 200 for r in emu.requests())

@@ -86,6 +86,7 @@ def stored_grants(state: Path) -> set[tuple[str, str]]:
     return keys
 
 
+@pytest.mark.timeout(600)
 def test_kill_9_at_random_moments_never_leaves_a_broken_file_nor_costs_a_password(
     tmp_path: Path,
     emulator_factory: Callable[..., EmulatorProcess],  # noqa: F811
@@ -107,18 +108,38 @@ def test_kill_9_at_random_moments_never_leaves_a_broken_file_nor_costs_a_passwor
     folder = tmp_path / "d"
     tokens, state = folder / "tokens", folder / "state"
     rng = random.Random(os.environ.get("ANYBILLD_KILL_SEED"))
-    killed_mid_write = 0
+    d = DaemonProcess(folder, config, start=False)
+    daemons.append(d)
+    killed_mid_write = killed_running = 0
     left_behind: list[Path] = []
     since = 0
     for n in range(rounds):
         stored = stored_grants(state)
-        d = DaemonProcess(folder, config, start=False)
-        daemons.append(d)
-        d.start()
-        # The restart removed what the last kill left behind.
-        assert not [p for p in left_behind if p.exists()], f"round {n}: temp files kept"
-        time.sleep(rng.uniform(0.0, 0.4))
-        d.kill()
+        started = d.log().count("anybilld started")
+        with d.log_path.open("ab") as log:
+            proc = subprocess.Popen(
+                d.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=d.env
+            )
+        try:
+            if n % 2:
+                # Blind: any moment of the start-up (loading state, cleaning up, the
+                # first writes) or of the run.
+                time.sleep(rng.uniform(0.1, 0.9))
+            else:
+                # Surely within the run: keepers refreshing and writing.
+                wait_for(
+                    lambda: d.log().count("anybilld started") > started,  # noqa: B023
+                    what=f"round {n}: start-up",
+                )
+                time.sleep(rng.uniform(0.0, 0.3))
+        finally:
+            proc.kill()
+            proc.wait()
+        running = d.log().count("anybilld started") > started
+        killed_running += running
+        if running:
+            # The restart removed what the last kill left behind, before writing anything.
+            assert not [p for p in left_behind if p.exists()], f"round {n}: temp files kept"
         left_behind = temp_files(tokens, state)
         killed_mid_write += bool(left_behind)
         problems = file_problems(tokens, state)
@@ -130,7 +151,8 @@ def test_kill_9_at_random_moments_never_leaves_a_broken_file_nor_costs_a_passwor
             if r["grant_type"] == "password":
                 key = (usernames[r["username"]], scope_of(r))
                 assert key not in stored, f"round {n}: password login for {key} with a grant"
-        d.check_no_secrets()
+    d.check_no_secrets()
+    d.http.close()
 
     d = DaemonProcess(folder, config)
     daemons.append(d)
@@ -144,7 +166,10 @@ def test_kill_9_at_random_moments_never_leaves_a_broken_file_nor_costs_a_passwor
     # and the saved state may cost one more, never one per kill.
     logins = [r for r in emu.requests() if r["grant_type"] == "password"]
     assert len(logins) < 2 * len(keys), len(logins)
-    print(f"{rounds} kills, {killed_mid_write} with a write in flight")
+    print(
+        f"{rounds} kills, {killed_running} after start-up, {killed_mid_write} with a write "
+        "in flight"
+    )
 
 
 READER = r"""
