@@ -179,8 +179,9 @@ def test_a_few_hundred_token_sets_under_throttling_stay_under_the_cap_and_all_ge
     emu.add_faults(
         {"kind": "throttle", "times": 10, "body": "text"},
         {"kind": "throttle", "times": 10, "body": "json"},
-        {"kind": "throttle", "times": 5, "body": "text", "retry_after": 1},
-        {"kind": "throttle", "times": 5, "body": "json", "retry_after": 1},
+        # Each of these pauses the whole client for a second, as the IdP asks.
+        {"kind": "throttle", "times": 2, "body": "text", "retry_after": 1},
+        {"kind": "throttle", "times": 2, "body": "json", "retry_after": 1},
     )
     config = daemon_config(
         emu,
@@ -192,7 +193,7 @@ def test_a_few_hundred_token_sets_under_throttling_stay_under_the_cap_and_all_ge
     keys = [(m["id"], s) for m in merchants for s in scopes]
     wait_for(lambda: all(d.read_json(*k) for k in keys), timeout=120, what="200 token files")
     record = emu.requests()
-    assert sum(r["status"] == 429 for r in record) >= 30
+    assert sum(r["status"] == 429 for r in record) >= 24
     # Exactly one successful login per token set, nothing blocked, every file valid.
     assert len(successes(emu, "password")) == len(keys)
     assert {t["state"] for t in d.token_sets().values()} == {"ok"}
