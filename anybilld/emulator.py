@@ -40,10 +40,14 @@ Control API (JSON in, JSON out; control errors are ``{"error": "<message>"}`` wi
                                   policy, expires_at}
 
 A fault is ``{"kind", "times": N (default 1, null = until cleared), "match": {"grant_type",
-"username"} (optional), "processed": false}`` plus its kind's fields; the next token request
-that matches takes the first matching fault of the queue:
+"username"} (optional), "processed": false, "for_seconds": S (optional)}`` plus its kind's
+fields; the next token request that matches takes the first matching fault of the queue.
+``for_seconds`` makes an outage of a duration: the fault ends S seconds (real monotonic
+time, like the rate limit) after it was queued, even with ``times`` left; GET shows the
+seconds still left as ``for_seconds``. The kinds:
 
     throttle      429; retry_after: int seconds, an HTTP-date string, or absent;
+                  or retry_after_date: N, an HTTP date N seconds after the emulator's now;
                   body: "json" (AADB2C90229, the default) or "text"
     error         a B2C error answer for any code: code ("AADB2C90035" or "90035"),
                   status (400), optional error (the OAuth error) and message
@@ -80,6 +84,7 @@ import binascii
 import collections
 import contextlib
 import dataclasses
+import email.utils
 import hashlib
 import hmac
 import itertools
@@ -371,7 +376,7 @@ class _Grant:
 
 _FAULT_KINDS = frozenset({"throttle", "error", "server_error", "html200", "raw", "reset", "hang"})
 _FAULT_FIELDS: dict[str, frozenset[str]] = {
-    "throttle": frozenset({"retry_after", "body"}),
+    "throttle": frozenset({"retry_after", "retry_after_date", "body"}),
     "error": frozenset({"code", "status", "error", "message"}),
     "server_error": frozenset({"status"}),
     "html200": frozenset(),
@@ -379,7 +384,7 @@ _FAULT_FIELDS: dict[str, frozenset[str]] = {
     "reset": frozenset(),
     "hang": frozenset({"seconds"}),
 }
-_FAULT_COMMON = frozenset({"kind", "times", "match", "processed"})
+_FAULT_COMMON = frozenset({"kind", "times", "match", "processed", "for_seconds"})
 
 
 @dataclass(slots=True, kw_only=True)
@@ -390,9 +395,14 @@ class _Fault:
     match_username: str | None  # casefolded
     processed: bool
     spec: dict[str, Any]  # the validated fault as posted, for GET and the answer's fields
+    for_seconds: float | None = None
+    until: float | None = None  # monotonic end of a for_seconds fault, set when queued
 
-    def view(self) -> dict[str, Any]:
-        return {**self.spec, "times": self.times}
+    def view(self, now: float) -> dict[str, Any]:
+        view = {**self.spec, "times": self.times}
+        if self.until is not None:
+            view["for_seconds"] = round(max(0.0, self.until - now), 3)
+        return view
 
 
 def _parse_fault(raw: object) -> _Fault:
@@ -416,11 +426,23 @@ def _parse_fault(raw: object) -> _Fault:
     processed = raw.get("processed", False)
     if not isinstance(processed, bool):
         raise ValueError("processed must be true or false")
+    for_seconds = raw.get("for_seconds")
+    if for_seconds is not None and (
+        isinstance(for_seconds, bool)
+        or not isinstance(for_seconds, int | float)
+        or for_seconds <= 0
+    ):
+        raise ValueError("for_seconds must be a positive number or absent")
     spec: dict[str, Any] = dict(raw)
     if kind == "throttle":
         ra = raw.get("retry_after")
         if ra is not None and (isinstance(ra, bool) or not isinstance(ra, int | str)):
             raise ValueError("retry_after must be integer seconds or an HTTP-date string")
+        rad = raw.get("retry_after_date")
+        if rad is not None and (isinstance(rad, bool) or not isinstance(rad, int) or rad < 0):
+            raise ValueError("retry_after_date must be integer seconds from the emulator's now")
+        if ra is not None and rad is not None:
+            raise ValueError("give retry_after or retry_after_date, not both")
         if raw.get("body", "json") not in ("json", "text"):
             raise ValueError('throttle body must be "json" or "text"')
     elif kind == "error":
@@ -456,6 +478,7 @@ def _parse_fault(raw: object) -> _Fault:
         match_username=username.casefold() if isinstance(username, str) else None,
         processed=processed,
         spec=spec,
+        for_seconds=None if for_seconds is None else float(for_seconds),
     )
 
 
@@ -636,6 +659,8 @@ class Emulator:
         if not self._faults:
             return None
         folded = username.casefold() if username is not None else None
+        t = self._monotonic()
+        self._faults = [f for f in self._faults if f.until is None or f.until > t]
         for i, f in enumerate(self._faults):
             if f.match_grant_type is not None and f.match_grant_type != grant_type:
                 continue
@@ -663,6 +688,8 @@ class Emulator:
         headers = self._headers()
         if kind == "throttle":
             ra = spec.get("retry_after")
+            if spec.get("retry_after_date") is not None:
+                ra = email.utils.formatdate(now + int(spec["retry_after_date"]), usegmt=True)
             extra = [] if ra is None else [("Retry-After", str(ra))]
             record["status"] = 429
             if spec.get("body", "json") == "json":
@@ -701,7 +728,14 @@ class Emulator:
     def _headers(self) -> list[tuple[str, str]]:
         # uuid-shaped and unique without a uuid4 per answer: a random prefix and a counter.
         request_id = f"{self._request_id_prefix}{next(self._request_ids):012x}"
-        return [("Cache-Control", "private"), ("x-ms-gateway-requestid", request_id)]
+        # Date on the emulator clock, as every origin server with a clock sends it (RFC 9110
+        # 6.6.1): with a moved clock, the answers show the server's time, skew and all.
+        date = email.utils.formatdate(self.now(), usegmt=True)
+        return [
+            ("Cache-Control", "private"),
+            ("x-ms-gateway-requestid", request_id),
+            ("Date", date),
+        ]
 
     def _error_response(
         self,
@@ -1038,7 +1072,7 @@ class Emulator:
                 user.valid_from = now
                 return 200, self._user_view(user, now)
             case ("GET", "/_emulator/faults"):
-                return 200, [f.view() for f in self._faults]
+                return 200, self._faults_view()
             case ("POST", "/_emulator/faults"):
                 raw = _json_object(request).get("faults")
                 if not isinstance(raw, list):
@@ -1047,8 +1081,12 @@ class Emulator:
                     parsed = [_parse_fault(f) for f in raw]
                 except ValueError as e:
                     raise _ControlError(400, str(e)) from None
+                t = self._monotonic()
+                for f in parsed:
+                    if f.for_seconds is not None:
+                        f.until = t + f.for_seconds
                 self._faults.extend(parsed)  # all or nothing: a bad fault adds none
-                return 200, [f.view() for f in self._faults]
+                return 200, self._faults_view()
             case ("DELETE", "/_emulator/faults"):
                 self._faults.clear()
                 return 200, []
@@ -1071,6 +1109,11 @@ class Emulator:
                     raise _ControlError(400, 'expected {"access_token": "..."}')
                 return 200, self.introspect(token)
         raise _ControlError(404, f"no control endpoint {request.method} {request.path}")
+
+    def _faults_view(self) -> list[dict[str, Any]]:
+        t = self._monotonic()
+        self._faults = [f for f in self._faults if f.until is None or f.until > t]
+        return [f.view(t) for f in self._faults]
 
     def _user_view(self, user: _User, now: float) -> dict[str, object]:
         self._expire_lock(user, now)

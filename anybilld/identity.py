@@ -122,20 +122,38 @@ def refresh_request(spec: TokenSetSpec, refresh_token: Secret) -> TokenRequest:
     )
 
 
-def parse_retry_after(value: str | None, *, now: float) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (seconds or HTTP date), capped."""
+def _http_date(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        when = email.utils.parsedate_to_datetime(value.strip())
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # RFC 9110 dates are GMT; be lenient about the suffix
+        return None
+    return when.timestamp()
+
+
+def parse_retry_after(
+    value: str | None, *, now: float, server_date: str | None = None
+) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (seconds or HTTP date), capped.
+
+    An HTTP date is measured against the answer's own ``Date`` header when it has one, so
+    that a server clock far ahead of or behind the local one (``now``) changes nothing: a
+    server an hour ahead asking for two seconds means two seconds, not an hour.
+    """
     if not value:
         return None
     value = value.strip()
     if value.isdigit():
         return min(float(value), RETRY_AFTER_CAP)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+    when = _http_date(value)
+    if when is None:
         return None
-    if when.tzinfo is None:  # RFC 9110 dates are GMT; be lenient about the suffix
-        return None
-    return min(max(0.0, when.timestamp() - now), RETRY_AFTER_CAP)
+    sent = _http_date(server_date)
+    base = sent if sent is not None else now
+    return min(max(0.0, when - base), RETRY_AFTER_CAP)
 
 
 # Far above anything B2C issues (access tokens live at most a day, refresh tokens at most
@@ -216,7 +234,9 @@ def parse_answer(
         "correlation_id": corr.group(1) if corr else None,
         "status": status,
     }
-    retry_after = parse_retry_after(headers.get("retry-after"), now=now)
+    retry_after = parse_retry_after(
+        headers.get("retry-after"), now=now, server_date=headers.get("date")
+    )
 
     if status == 429 or code in _THROTTLED:
         raise TransientError("throttled", retry_after=retry_after, throttled=True, **kw)

@@ -173,6 +173,10 @@ class Keeper:
         self.access_expires_at: float | None = None  # of the token held
         self.published_expires_at: float | None = None  # of the token in every file
         self.refresh_expires_at: float | None = None
+        # The same expiry on the monotonic clock, which decides: a wall-clock jump (NTP
+        # fixing a wrong clock) must not make a good refresh token look dead, or a dead
+        # one good. Wall time only bridges a restart.
+        self._refresh_deadline: float | None = None
         self.last_success_at: float | None = None
         self.consecutive_failures = 0
         self.last_error: IdentityError | None = None
@@ -322,6 +326,9 @@ class Keeper:
                 await self._renew(stop=stop_after_attempt(ONCE_ATTEMPTS) if once else None)
                 if once:
                     return
+                # A renewal may end without suspending (a failure raised before any I/O);
+                # yield, so that a keeper can never keep the loop from everything else.
+                await asyncio.sleep(0)
                 continue
             if once:
                 return
@@ -387,6 +394,8 @@ class Keeper:
         ):
             self._refresh = stored.refresh_token
             self.refresh_expires_at = stored.refresh_token_expires_at
+            if stored.refresh_token_expires_at is not None:
+                self._refresh_deadline = now_mono + (stored.refresh_token_expires_at - now_wall)
         self._grant_credentials = stored.grant_credentials or self._digest(spec)
         self._restore_block(stored, now_wall, now_mono)
         owed = self._login_owed(spec)
@@ -459,8 +468,14 @@ class Keeper:
         )
         try:
             await retrying(self._obtain)
-        except (_Stopping, ClientClosed):
+        except _Stopping:
             pass  # shutting down: nothing failed, and nothing more is sent
+        except ClientClosed:
+            # The daemon closed the client and is about to stop every keeper. Until this
+            # one's stop() arrives, the renewal stays due: returning at once would make the
+            # loop call it again and again without ever yielding, starving the very stop()
+            # it waits for (a SIGTERM during an outage hung the daemon that way).
+            await self._stopping.wait()
         except TransientError as exc:  # only with a stop: a --once run gave up
             self._fail(exc, TokenState.RETRYING)
         except PermanentError as exc:
@@ -499,8 +514,8 @@ class Keeper:
             self._in_request = False
 
     def _refresh_expired(self) -> bool:
-        exp = self.refresh_expires_at
-        return exp is not None and exp <= self.rt.clock.time()
+        deadline = self._refresh_deadline
+        return deadline is not None and deadline <= self.rt.clock.monotonic()
 
     def _digest(self, spec: TokenSetSpec) -> str:
         return self.rt.store.digest(_credentials_text(spec))
@@ -579,13 +594,14 @@ class Keeper:
         if via == "password":
             self._first_sign_in = now_wall
             self._refresh = None
-            self.refresh_expires_at = None
+            self.refresh_expires_at = self._refresh_deadline = None
             self._grant_credentials = self._digest(spec)
             self._owed_block = None
         if grant.refresh_token is not None:
             self._refresh = grant.refresh_token
             lifetime = grant.refresh_token_expires_in or DEFAULT_REFRESH_TOKEN_LIFETIME
             self.refresh_expires_at = now_wall + lifetime
+            self._refresh_deadline = now_mono + lifetime
         self._access = grant.access_token
         self._lifetime = grant.expires_in
         self._obtained_wall, self._obtained_mono = now_wall, now_mono

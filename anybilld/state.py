@@ -196,13 +196,25 @@ class StateStore:
         Raises OutputError (``prepare`` not run, disk full, ...); the previous state is then
         left as it was.
         """
+        path = self.path(merchant, scope)
         files.atomic_write(
-            self.path(merchant, scope),
+            path,
             _encode(grant),
             mode=FILE_MODE,  # atomic_write derives 0700 for the merchant directory from it
             group=None,
             root=self._dir,
         )
+        # atomic_write sets a directory's mode only when it creates it; a merchant
+        # directory made by hand or restored from a backup keeps its own. State is private:
+        # make it exactly 0700, as prepare() does for state_dir.
+        try:
+            st = os.lstat(path.parent)
+            if stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) != DIR_MODE:
+                os.chmod(path.parent, DIR_MODE)
+        except OSError as exc:
+            raise OutputError(
+                f"{path.parent}: cannot set mode {DIR_MODE:04o}: {exc.strerror}"
+            ) from exc
 
     def remove(self, merchant: str, scope: str) -> None:
         """Remove the state of one token set, and its merchant directory once empty.

@@ -369,3 +369,19 @@ async def test_after_stop_sending_nothing_waiting_goes_out() -> None:
         await client.request(password_request(spec()), timeout=1)
     assert len(sent) == 1
     await client.aclose()
+
+
+def test_a_retry_after_date_is_read_against_the_servers_own_date() -> None:
+    from email.utils import formatdate
+
+    base = 1_700_000_000.0
+    # The server's clock is a day ahead of ours: its "two seconds from now" means 2 s.
+    server_now = base + 86400
+    later = formatdate(server_now + 2, usegmt=True)
+    assert parse_retry_after(later, now=base, server_date=formatdate(server_now, usegmt=True)) == 2
+    # ... and a day behind: still 2 s, not "already past".
+    server_now = base - 86400
+    later = formatdate(server_now + 2, usegmt=True)
+    assert parse_retry_after(later, now=base, server_date=formatdate(server_now, usegmt=True)) == 2
+    # An unreadable Date header: the local clock is all there is.
+    assert parse_retry_after(formatdate(base + 5, usegmt=True), now=base, server_date="x") == 5

@@ -317,3 +317,13 @@ def test_stored_keys(store: StateStore) -> None:
 
 def test_stored_keys_of_a_missing_directory(tmp_path: Path) -> None:
     assert StateStore(tmp_path / "missing").stored_keys() == set()
+
+
+def test_save_tightens_a_loose_merchant_directory(store: StateStore, tmp_path: Path) -> None:
+    # Made by hand, or restored from a backup with the umask's mode.
+    loose = tmp_path / "state" / "m"
+    loose.mkdir(mode=0o755)
+    os.chmod(loose, 0o755)
+    store.save("m", "s", GRANT)
+    assert mode_of(loose) == 0o700
+    assert mode_of(loose / "s.json") == 0o600
