@@ -228,9 +228,26 @@ class Daemon:
                 t.cancel()
 
     async def reload(self) -> None:
-        """Load the config anew and apply the difference; a bad config changes nothing."""
-        assert self.supervisor is not None and self.config is not None
+        """Load the config anew and apply the difference; a bad config changes nothing.
+
+        RELOADING=1 is always answered by READY=1, and a bug met while applying a config
+        is logged and counted as a failed reload: it must not take down the token sets
+        that run, nor leave ``systemctl reload`` waiting.
+        """
         self.notifier.reloading()
+        try:
+            await self._load_and_apply()
+        except Exception:
+            log.critical(
+                "reload failed unexpectedly; the running token sets carry on", exc_info=True
+            )
+            self._metrics.config_loaded(False, self.clock.time())
+            self._last_reload_ok = False
+        finally:
+            self.notifier.ready(self._status_line())
+
+    async def _load_and_apply(self) -> None:
+        assert self.supervisor is not None and self.config is not None
         try:
             config = await asyncio.to_thread(load_config, self.config_path, environ=self.environ)
         except ConfigError as err:
@@ -257,7 +274,6 @@ class Daemon:
                 await self._rewatch(config.files, config.include, keep=True)
                 self._metrics.config_loaded(False, self.clock.time())
                 self._last_reload_ok = False
-                self.notifier.ready(self._status_line())
                 return
             if (config.listen_host, config.listen_port) != (
                 self.config.listen_host,
@@ -278,7 +294,6 @@ class Daemon:
             self._reloaded_at = self.clock.time()
             self._last_reload_ok = True
             log.info("config reloaded: %s", diff.summary())
-        self.notifier.ready(self._status_line())
 
     # ------------------------------------------------------------------ watching
 
