@@ -172,19 +172,11 @@ class Config:
     files: tuple[Path, ...] = field(default=(), compare=False)
 
     def token_sets(self) -> tuple[TokenSetSpec, ...]:
-        """Every (merchant, scope) as a spec, in config order; computed once per config.
+        """Every (merchant, scope) as a spec, in config order (GC paused: see load_config)."""
+        with _gc_paused():
+            return self._token_sets()
 
-        The loader's path check, the reload's diff and --check all ask for them; building
-        10,000 specs costs about a third of a second, so the first answer is kept.
-        """
-        cached: tuple[TokenSetSpec, ...] | None = self.__dict__.get("_token_sets")
-        if cached is None:
-            cached = self._build_token_sets()
-            # A cache, not a field: frozen dataclasses allow it only this way.
-            object.__setattr__(self, "_token_sets", cached)
-        return cached
-
-    def _build_token_sets(self) -> tuple[TokenSetSpec, ...]:
+    def _token_sets(self) -> tuple[TokenSetSpec, ...]:
         specs = []
         for m in self.merchants:
             for scope in m.scopes:
@@ -199,13 +191,15 @@ class Config:
                         policy=self.identity.policy,
                         timeout=self.identity.timeout,
                         outputs=tuple(
-                            self._target(o, m.id, scope.name)
-                            for o in (m.outputs if m.outputs is not None else self.outputs)
+                            self._target(o, m.id, scope.name) for o in self.outputs_of(m)
                         ),
                         refresh=self.refresh,
                     )
                 )
         return tuple(specs)
+
+    def outputs_of(self, m: Merchant) -> tuple[OutputSpec, ...]:
+        return m.outputs if m.outputs is not None else self.outputs
 
     def _target(self, o: OutputSpec, merchant: str, scope: str) -> OutputTarget:
         rendered = render_output_path(o.path, merchant=merchant, scope=scope)
@@ -793,17 +787,19 @@ class _Loader:
     def _check_output_paths(self, config: Config, default_paths: tuple[Value | None, ...]) -> None:
         """Report two token sets writing one file, or one writing inside another's file.
 
-        Works on ``Config.token_sets()``, so it compares exactly the paths keepers write.
+        Builds the targets as ``Config.token_sets()`` does, so it compares exactly the
+        paths keepers write, without building the rest of each spec (the daemon's diff does
+        that, once).
         """
         # Keyed by the path as a string: Path objects are already normalised, and string
         # keys and parent lookups cost a fraction of pathlib's for 10,000 token sets.
         writers: dict[str, list[tuple[str, Value, Value | None]]] = {}
-        specs = iter(config.token_sets())
         for merchant, origin in zip(config.merchants, self.origins, strict=True):
             path_values = default_paths if origin.outputs is None else origin.outputs
+            outputs = config.outputs_of(merchant)
             for scope in merchant.scopes:
-                spec = next(specs)
-                for target, pv in zip(spec.outputs, path_values, strict=True):
+                targets = [config._target(o, merchant.id, scope.name) for o in outputs]
+                for target, pv in zip(targets, path_values, strict=True):
                     who = f"{merchant.id}/{scope.name}"
                     writers.setdefault(str(target.path), []).append((who, origin.merchant, pv))
 

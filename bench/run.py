@@ -262,12 +262,14 @@ def run_anybilld(
         new_password = "probe-Pa55-1"
         emu.add_user(probe[1], new_password)  # the admin changed it at the IdP first
         config["merchants"][0]["password"] = new_password
-        write_yaml(config_path, config)
         emu.records()
         probe_file = folder / "tokens" / PROBE / "bill.json"
         old_token = json.loads(probe_file.read_bytes())["access_token"]
+        # Timed from the config change: a file watcher may start the reload before the
+        # signal does, and the first "config reloaded" is whichever came first.
         offset = d.log_size()
         t0 = time.monotonic()
+        write_yaml(config_path, config)
         d.proc.send_signal(signal.SIGHUP)
         applied = wait_until(
             lambda: "config reloaded" in d.log_since(offset),
