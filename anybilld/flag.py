@@ -3,7 +3,7 @@
 A keeper that waits for "its refresh is due, or a reload changed it, or the daemon stops"
 used to wrap each of its three events and the sleep in a task of its own and pass all four
 to ``asyncio.wait``: about 5 KB per idle token set, half of the daemon's memory at 10,000
-token sets. Here one future is shared by the flags, and only the sleep is a task.
+token sets. Here one future is shared by the flags and a timer handle wakes it.
 
 Caveat: like ``asyncio.Event``, a flag belongs to the loop that first waits on it.
 """
@@ -11,7 +11,8 @@ Caveat: like ``asyncio.Event``, a flag belongs to the loop that first waits on i
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+
+from .clock import Clock, SystemClock
 
 __all__ = ["Flag", "sleep_until_flag"]
 
@@ -64,30 +65,39 @@ class Flag:
                 self._waiters = None
 
 
-async def sleep_until_flag(sleep: Awaitable[None], *flags: Flag) -> None:
-    """Await ``sleep`` (a clock's sleep), returning early once any of ``flags`` is set.
+async def sleep_until_flag(clock: Clock, delay: float, *flags: Flag) -> None:
+    """Sleep ``delay`` seconds on ``clock``, returning early once any of ``flags`` is set.
 
-    The sleep is cancelled when a flag wins; a flag already set returns after one yield.
+    On the real clock a timer handle wakes the shared future, so a sleeping keeper holds no
+    task besides its own; any other clock (a test's fake) sleeps in a task, cancelled when
+    a flag wins. A flag already set returns after one yield.
     """
     if any(f.is_set() for f in flags):
-        if asyncio.iscoroutine(sleep):
-            sleep.close()  # never started: no "was never awaited" warning
         await asyncio.sleep(0)
         return
-    woken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    for f in flags:
-        f._add(woken)
-    sleeper = asyncio.ensure_future(sleep)
+    loop = asyncio.get_running_loop()
+    woken: asyncio.Future[None] = loop.create_future()
 
-    def wake(_: object) -> None:
+    def wake(_: object = None) -> None:
         if not woken.done():
             woken.set_result(None)
 
-    sleeper.add_done_callback(wake)
+    for f in flags:
+        f._add(woken)
+    timer: asyncio.TimerHandle | None = None
+    sleeper: asyncio.Future[None] | None = None
+    if type(clock) is SystemClock:
+        timer = loop.call_later(max(0.0, delay), wake)
+    else:
+        sleeper = asyncio.ensure_future(clock.sleep(delay))
+        sleeper.add_done_callback(wake)
     try:
         await woken
     finally:
-        sleeper.remove_done_callback(wake)
-        sleeper.cancel()
+        if timer is not None:
+            timer.cancel()
+        if sleeper is not None:
+            sleeper.remove_done_callback(wake)
+            sleeper.cancel()
         for f in flags:
             f._discard(woken)

@@ -319,7 +319,7 @@ class Keeper:
         if delay <= 0 or any(e.is_set() for e in events):
             await asyncio.sleep(0)
             return
-        await sleep_until_flag(self.rt.clock.sleep(delay), *events)
+        await sleep_until_flag(self.rt.clock, delay, *events)
 
     def _next_flush(self) -> float:
         return math.inf if self._republish_at is None else self._republish_at
@@ -571,6 +571,7 @@ class Keeper:
         self._state_dirty = True
         self._persisting = asyncio.ensure_future(self._flush())
         await asyncio.shield(self._persisting)
+        self._persisting = None  # done: nothing for stop() to wait for, nothing to hold
 
     async def _stored(self) -> StoredGrant:
         spec, block = self.spec, self.block

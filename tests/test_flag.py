@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from anybilld.clock import FakeClock
+from anybilld.clock import FakeClock, SystemClock
 from anybilld.flag import Flag, sleep_until_flag
 
 
@@ -16,7 +16,7 @@ async def settle() -> None:
 async def test_a_flag_set_during_the_sleep_ends_it_and_cancels_the_sleep() -> None:
     clock = FakeClock()
     a, b = Flag(), Flag()
-    task = asyncio.ensure_future(sleep_until_flag(clock.sleep(100), a, b))
+    task = asyncio.ensure_future(sleep_until_flag(clock, 100, a, b))
     await settle()
     assert clock.sleeping == [100]
     assert not task.done()
@@ -30,7 +30,7 @@ async def test_a_flag_set_during_the_sleep_ends_it_and_cancels_the_sleep() -> No
 async def test_the_sleep_ending_first_returns_and_leaves_the_flags_clean() -> None:
     clock = FakeClock()
     a = Flag()
-    task = asyncio.ensure_future(sleep_until_flag(clock.sleep(5), a))
+    task = asyncio.ensure_future(sleep_until_flag(clock, 5, a))
     await settle()
     await clock.advance(5)
     await settle()
@@ -42,14 +42,14 @@ async def test_a_flag_already_set_returns_without_sleeping() -> None:
     clock = FakeClock()
     a = Flag()
     a.set()
-    await asyncio.wait_for(sleep_until_flag(clock.sleep(100), a), 5)
+    await asyncio.wait_for(sleep_until_flag(clock, 100, a), 5)
     assert clock.sleeping == []
 
 
 async def test_cancelling_the_waiter_cleans_up() -> None:
     clock = FakeClock()
     a = Flag()
-    task = asyncio.ensure_future(sleep_until_flag(clock.sleep(100), a))
+    task = asyncio.ensure_future(sleep_until_flag(clock, 100, a))
     await settle()
     task.cancel()
     await settle()
@@ -74,3 +74,20 @@ async def test_flag_behaves_like_an_event() -> None:
     f.set()
     await settle()
     assert again.done() and f._waiters is None
+
+
+async def test_on_the_real_clock_a_timer_wakes_it_and_a_flag_cancels_the_timer() -> None:
+    clock = SystemClock()
+    a = Flag()
+    await asyncio.wait_for(sleep_until_flag(clock, 0.01, a), 10)  # the timer fired
+    assert a._waiters is None
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(sleep_until_flag(clock, 3600, a))
+    await settle()
+    timers = [h for h in loop._scheduled if not h.cancelled()]  # type: ignore[attr-defined]
+    assert any(h.when() > loop.time() + 3000 for h in timers)
+    a.set()
+    await asyncio.wait_for(task, 10)
+    timers = [h for h in loop._scheduled if not h.cancelled()]  # type: ignore[attr-defined]
+    assert not any(h.when() > loop.time() + 3000 for h in timers)  # no hour-long timer left
+    assert a._waiters is None
