@@ -64,6 +64,7 @@ SCOPE_BASE = "https://ad.anybill.de/vendor/"
 CLIENT_ID = "anybilld-bench-client"
 PROBE = "m-probe"  # the merchant whose password the reload changes; it has one scope
 MB = 1024 * 1024
+LONG_LIFETIME = 3600  # tokens of the idle phase: nothing is due for half an hour
 
 Merchant = tuple[str, str, str, tuple[str, ...]]  # id, username, password, scopes
 
@@ -135,6 +136,16 @@ def wait_for_files(missing: set[Path], *, timeout: float, check: Any = None) -> 
 
     interval = 0.05 if len(missing) < 2000 else 0.25
     return wait_until(done, timeout=timeout, what="every token file", interval=interval)
+
+
+def token_lifetime(path: Path) -> float:
+    """Seconds from obtained_at to expires_at of a JSON token file (0 if unreadable)."""
+    try:
+        doc = json.loads(path.read_bytes())
+        obtained = datetime.datetime.fromisoformat(doc["obtained_at"].replace("Z", "+00:00"))
+        return float(doc["expires_at_unix"]) - obtained.timestamp()
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0.0
 
 
 def ok_grants(records: list[dict[str, Any]], grant_type: str | None = None) -> int:
@@ -231,17 +242,20 @@ def run_anybilld(
         )
         r["refresh_cpu_pct"] = sum(cycle_cpu) / max(cycles_wall, 1e-9) * 100
 
-        # 3. idle: long-lived tokens everywhere, then nothing is due
-        emu.settings(access_token_lifetime=3600)
-        emu.records()
-        renewed: set[tuple[str, str]] = set()
+        # 3. idle: long-lived tokens everywhere, then nothing is due. Read from the token
+        # files: a grant answered just as the setting changed may hold either lifetime.
+        emu.settings(access_token_lifetime=LONG_LIFETIME)
+        short = missing_files(folder / "tokens", merchants)
 
         def all_long_lived() -> bool:
             d.alive()
-            renewed.update((x["username"], x["scope"]) for x in emu.records() if x["status"] == 200)
-            return len(renewed) >= n
+            for path in list(short):
+                if token_lifetime(path) > LONG_LIFETIME / 2:
+                    short.discard(path)
+            return not short
 
-        wait_until(all_long_lived, timeout=lifetime * 10 + 300, what="long tokens", interval=0.5)
+        limit = lifetime * 10 + 300
+        wait_until(all_long_lived, timeout=limit, what="long tokens everywhere", interval=1.0)
         time.sleep(1.0)  # the last writes land
         emu.records()
         idle_cpu0, idle_t0 = cpu_seconds(d.pid), time.monotonic()
@@ -318,7 +332,7 @@ def run_curl(
         lines += [f"{m} {SCOPE_BASE}{s} {user} {pwfile}" for s in scopes]
     lines = lines[:sample]
     r: dict[str, Any] = {"token_sets": n, "sampled": len(lines), "extrapolated": len(lines) < n}
-    emu.settings(access_token_lifetime=3600)
+    emu.settings(access_token_lifetime=LONG_LIFETIME)
     script = [str(HERE / "curl_baseline.sh"), emu.token_url, CLIENT_ID]
     script += [str(folder / "tokens"), str(folder / "state")]
     emu.records()
@@ -549,6 +563,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     opts.ns = sorted({int(x) for x in opts.n.split(",") if x.strip()})
     if not opts.ns or min(opts.ns) < 2:
         p.error("--n: every N must be at least 2")
+    if opts.lifetime is not None and not 2 <= opts.lifetime <= LONG_LIFETIME // 4:
+        p.error(f"--lifetime: from 2 to {LONG_LIFETIME // 4} seconds")
     if opts.idle_seconds is None:
         opts.idle_seconds = 5.0 if opts.quick else 60.0
     if opts.cycles is None:
