@@ -154,6 +154,42 @@ def _copy_error(exc: PermanentError, detail: str) -> PermanentError:
 class Keeper:
     """Keeps one token set's token fresh; its public attributes are its live state."""
 
+    # Slots: a daemon holds 10,000 keepers, and a dict of 30-odd attributes each costs
+    # about 1.3 KB more than slots do. A new attribute must be named here.
+    __slots__ = (
+        "_access",
+        "_attempt_spec",
+        "_due",
+        "_first_sign_in",
+        "_in_request",
+        "_lifetime",
+        "_obtained_mono",
+        "_obtained_wall",
+        "_persisting",
+        "_refresh",
+        "_republish_at",
+        "_restart",
+        "_state_dirty",
+        "_stopping",
+        "_task",
+        "_wake",
+        "_write_failures",
+        "access_expires_at",
+        "account",
+        "block",
+        "consecutive_failures",
+        "internal_error",
+        "last_error",
+        "last_success_at",
+        "output_error",
+        "published_expires_at",
+        "refresh_expires_at",
+        "rt",
+        "spec",
+        "state",
+        "state_error",
+    )
+
     def __init__(self, spec: TokenSetSpec, account: Account, rt: Runtime) -> None:
         self.spec = spec
         self.account = account
