@@ -154,7 +154,9 @@ class TokenSetCollector(Collector):
             failures.append(f"{_FAILURES.name}{ls}}} {num(k.consecutive_failures)}\n")
             reason = k.block_reason
             if state == TokenState.BLOCKED and reason is not None:
-                blocked.append(f'{_BLOCKED.name}{ls},reason="{reason.value}"}} 1.0\n')
+                # Label names in sorted order, as prometheus_client writes them.
+                labels = f'merchant="{merchant}",reason="{reason.value}",scope="{scope}"'
+                blocked.append(f"{_BLOCKED.name}{{{labels}}} 1.0\n")
             failing = "1.0" if k.output_error or k.state_error else "0.0"
             output_failing.append(f"{_OUTPUT_FAILING.name}{ls}}} {failing}\n")
         sets = [_header(_SETS)]

@@ -51,6 +51,12 @@ def parsed(text: str) -> dict[str, tuple[str, str, frozenset[Any]]]:
     }
 
 
+def anybilld_lines(text: str) -> list[str]:
+    """The anybilld_* lines, sorted: the text itself, so label order and number format
+    must match too (scrapers and tests read these lines as strings)."""
+    return sorted(line for line in text.splitlines() if "anybilld_" in line)
+
+
 def token_set_samples(text: str, merchant: str) -> list[str]:
     return [line for line in text.splitlines() if f'merchant="{merchant}"' in line]
 
@@ -71,9 +77,10 @@ async def test_exposition_says_what_prometheus_client_says(env: Env) -> None:
     fast = env.metrics.exposition().decode()
     reference = generate_latest(env.registry).decode()
     assert parsed(fast) == parsed(reference)
+    assert anybilld_lines(fast) == anybilld_lines(reference)
     # Every token-set family is there, with a series for every token set it applies to.
     assert len(token_set_samples(fast, "m-ok")) == 2 * 6  # two scopes; not blocked
-    assert 'anybilld_token_blocked{merchant="m-blocked",scope="bill",reason="credentials"}' in fast
+    assert 'anybilld_token_blocked{merchant="m-blocked",reason="credentials",scope="bill"}' in fast
     assert f"{WALL0 + 3600:.0f}" not in fast  # times in Go's float style, as promtool wants
     assert "e+09" in fast
 
@@ -84,6 +91,7 @@ async def test_exposition_says_what_prometheus_client_says(env: Env) -> None:
     assert token_set_samples(fast, "m-ok") != []  # m-ok/store is still there
     assert not any('scope="bill"' in line for line in token_set_samples(fast, "m-ok"))
     assert parsed(fast) == parsed(generate_latest(env.registry).decode())
+    assert anybilld_lines(fast) == anybilld_lines(generate_latest(env.registry).decode())
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
