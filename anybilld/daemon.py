@@ -129,7 +129,9 @@ class Daemon:
             on_file_write=metrics.observe_file_write,
         )
         self.supervisor = supervisor = Supervisor(rt, on_remove=config.on_remove)
-        listener = Listener(registry, lambda: supervisor, self._config_info)
+        listener = Listener(
+            registry, lambda: supervisor, self._config_info, exposition=metrics.exposition
+        )
         self._metrics = metrics
         self._reloaded_at = self.clock.time()
         self._last_reload_ok = True

@@ -55,8 +55,13 @@ class Listener:
         registry: CollectorRegistry,
         keepers: Callable[[], Iterable[Keeper]],
         config_info: Callable[[], dict[str, Any]],
+        *,
+        exposition: Callable[[], bytes] | None = None,
     ) -> None:
+        """``exposition`` renders /metrics (the daemon passes ``Metrics.exposition``);
+        without it, ``registry`` is rendered by prometheus_client."""
         self._registry = registry
+        self._exposition = exposition
         self._keepers = keepers
         self._config_info = config_info
         self._server: Server | None = None
@@ -73,9 +78,13 @@ class Listener:
         if req.method not in ("GET", "HEAD"):
             return Response.text(405, "method not allowed\n")
         if req.path == "/metrics":
-            # generate_latest walks all token sets; run it here, on the loop, because the
-            # collector reads live keeper state that only the loop thread mutates.
-            return Response(body=generate_latest(self._registry), content_type=CONTENT_TYPE_LATEST)
+            # This walks all token sets; run it here, on the loop, because the collector
+            # reads live keeper state that only the loop thread mutates.
+            if self._exposition is not None:
+                body = self._exposition()
+            else:
+                body = generate_latest(self._registry)
+            return Response(body=body, content_type=CONTENT_TYPE_LATEST)
         if req.path == "/healthz":
             return Response.text(200, "ok\n")
         if req.path == "/readyz":
@@ -88,12 +97,10 @@ class Listener:
             return Response.text(503, f"not ready: {len(names)} token sets\n{shown}{more}\n")
         if req.path == "/status":
             keepers = sorted(self._keepers(), key=lambda k: k.key)
-            doc = {
-                "version": __version__,
-                "config": self._config_info(),
-                "token_sets": [token_set_status(k) for k in keepers],
-            }
-            return Response(
-                body=json.dumps(doc, indent=1).encode(), content_type="application/json"
-            )
+            doc = {"version": __version__, "config": self._config_info()}
+            # One token set per line: readable with curl, and json.dumps without indent
+            # runs in C (with indent it runs in Python, several times slower at 10,000).
+            sets = ",\n".join(json.dumps(token_set_status(k)) for k in keepers)
+            text = f'{json.dumps(doc)[:-1]}, "token_sets": [\n{sets}\n]}}\n'
+            return Response(body=text.encode(), content_type="application/json")
         return Response.text(404, "not found; try /metrics /healthz /readyz /status\n")

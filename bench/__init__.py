@@ -1,0 +1,1 @@
+"""The anybilld benchmark: ``python -m bench`` (``make bench``); see the README."""
