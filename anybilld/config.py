@@ -15,7 +15,7 @@ import hashlib
 import ipaddress
 import os
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal, TypeVar, get_args
@@ -171,14 +171,19 @@ class Config:
     # watcher must watch. Not part of equality: the content already is.
     files: tuple[Path, ...] = field(default=(), compare=False)
 
-    def token_sets(self) -> tuple[TokenSetSpec, ...]:
-        """Every (merchant, scope) as a spec, in config order (GC paused: see load_config)."""
+    def token_sets(self, merchants: Iterable[Merchant] | None = None) -> tuple[TokenSetSpec, ...]:
+        """Every (merchant, scope) as a spec, in config order (GC paused: see load_config);
+        only those of ``merchants`` when given."""
         with _gc_paused():
-            return self._token_sets()
+            return self._token_sets(self.merchants if merchants is None else merchants)
 
-    def _token_sets(self) -> tuple[TokenSetSpec, ...]:
+    def token_set_defaults(self) -> tuple[object, ...]:
+        """Everything besides a merchant's own entry that its token-set specs are built from."""
+        return (self.identity, self.refresh, self.outputs, self.output_dir)
+
+    def _token_sets(self, merchants: Iterable[Merchant]) -> tuple[TokenSetSpec, ...]:
         specs = []
-        for m in self.merchants:
+        for m in merchants:
             for scope in m.scopes:
                 specs.append(
                     TokenSetSpec(

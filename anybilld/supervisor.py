@@ -13,7 +13,7 @@ import asyncio
 import logging
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .config import Config, OnRemove, TokenSetSpec
@@ -68,6 +68,8 @@ class Supervisor:
         # service account share its lockout counter at the IdP, so they share a lock too.
         self._accounts: dict[tuple[str, str], Account] = {}
         self._once = False
+        # The config whose token sets the keepers run, once applied in full.
+        self._applied: Config | None = None
 
     def __iter__(self) -> Iterator[Keeper]:
         return iter(list(self.keepers.values()))
@@ -80,7 +82,8 @@ class Supervisor:
         self._once = once
         self.on_remove = config.on_remove
         self.rt.output_root = config.output_dir
-        d = diff({k: kp.spec for k, kp in self.keepers.items()}, config.token_sets())
+        previous, self._applied = self._applied, None  # unknown again should this fail
+        d = self._diff(previous, config)
         for key in d.removed:
             await self._remove(self.keepers.pop(key))
         for spec in d.changed:
@@ -102,7 +105,25 @@ class Supervisor:
         for key in list(self._accounts):
             if key not in live:
                 del self._accounts[key]
+        self._applied = config
         return d
+
+    def _diff(self, previous: Config | None, config: Config) -> Diff:
+        """``diff`` of the running token sets and ``config``'s, merchant by merchant.
+
+        A merchant entry equal to the one last applied, under the same defaults, yields
+        specs equal to those its keepers run: with one merchant of thousands edited, only
+        that one is built and compared, which keeps a reload of a large config short.
+        """
+        running = {k: kp.spec for k, kp in self.keepers.items()}
+        if previous is None or previous.token_set_defaults() != config.token_set_defaults():
+            return diff(running, config.token_sets())
+        before = {m.id: m for m in previous.merchants}
+        edited = [m for m in config.merchants if before.get(m.id) != m]
+        touched = {m.id for m in edited} | (before.keys() - {m.id for m in config.merchants})
+        d = diff({k: s for k, s in running.items() if k[0] in touched}, config.token_sets(edited))
+        untouched = sum(1 for k in running if k[0] not in touched)
+        return replace(d, unchanged=d.unchanged + untouched)
 
     async def wait_all(self) -> None:
         """Wait until every keeper's task has ended (a --once run)."""

@@ -336,3 +336,60 @@ async def test_a_reload_onto_a_shared_service_account_shares_its_lock(env: Env) 
     await settle()
     assert len(env.client.sent) == 2
     assert {k.state for k in env.sup} == {TokenState.BLOCKED}
+
+
+# ------------------------------------------------ merchant-by-merchant diff of a reload
+
+
+def as_sets(d: Any) -> tuple[set[Key], set[Key], set[Key], int]:
+    return ({s.key for s in d.added}, {s.key for s in d.changed}, set(d.removed), d.unchanged)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        pytest.param(lambda ms: ms, id="nothing"),
+        pytest.param(
+            lambda ms: [ms[0], replace(ms[1], password=Secret("pw-new")), *ms[2:]], id="password"
+        ),
+        pytest.param(lambda ms: [ms[0], *ms[2:]], id="merchant-removed"),
+        pytest.param(lambda ms: [*ms, merchant("new", "bill", "user")], id="merchant-added"),
+        pytest.param(
+            lambda ms: [ms[0], replace(ms[1], scopes=ms[1].scopes[:1]), *ms[2:]], id="scope-removed"
+        ),
+        pytest.param(
+            lambda ms: [*ms[:2], replace(ms[2], client_id="client-B")], id="client-override"
+        ),
+        pytest.param(lambda ms: [ms[2], ms[0], ms[1]], id="reordered"),
+    ],
+)
+async def test_a_reload_diffed_merchant_by_merchant_equals_the_full_diff(
+    env: Env, edit: Any
+) -> None:
+    ms = [merchant("a", "bill", "store"), merchant("b", "bill", "user"), merchant("c", "bill")]
+    await env.sup.apply(env.config(*ms))
+    await settle()
+    new = env.config(*edit(ms))
+    full = diff({k: kp.spec for k, kp in env.sup.keepers.items()}, new.token_sets())
+    untouched = {
+        k: kp for k, kp in env.sup.keepers.items() if k not in {s.key for s in full.changed}
+    }
+    d = await env.sup.apply(new)
+    assert as_sets(d) == as_sets(full)
+    # Token sets the edit left alone keep their keeper and the very spec they ran with.
+    for key, keeper in untouched.items():
+        if key in env.sup.keepers:
+            assert env.sup.keepers[key] is keeper
+
+
+async def test_new_defaults_change_every_token_set_even_with_equal_merchant_entries(
+    env: Env,
+) -> None:
+    ms = (merchant("a", "bill"), merchant("b", "bill"))
+    await env.sup.apply(env.config(*ms))
+    await settle()
+    raw = OutputSpec(path="{merchant}.{scope}.token", format="raw")
+    d = await env.sup.apply(env.config(*ms, outputs=(raw,)))
+    await settle()
+    assert {s.key for s in d.changed} == {("a", "bill"), ("b", "bill")}
+    assert (env.out / "a.bill.token").exists() and (env.out / "b.bill.token").exists()
