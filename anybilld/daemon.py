@@ -250,8 +250,13 @@ class Daemon:
 
     async def _load_and_apply(self) -> None:
         assert self.supervisor is not None and self.config is not None
+        running = self.config
+
+        def load() -> Config:
+            return load_config(self.config_path, environ=self.environ).reusing(running)
+
         try:
-            config = await asyncio.to_thread(load_config, self.config_path, environ=self.environ)
+            config = await asyncio.to_thread(load)
         except ConfigError as err:
             log_config_error(err, what="reload failed, keeping the running config")
             self._metrics.config_loaded(False, self.clock.time())

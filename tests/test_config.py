@@ -292,6 +292,21 @@ def test_anchors_and_aliases_share_values(tmp_path: Path) -> None:
     assert len({o.path for t in config.token_sets() for o in t.outputs}) == 4
 
 
+def test_a_reloaded_config_reuses_the_running_entries_it_equals(tmp_path: Path) -> None:
+    entries = "".join(
+        f"  - {{id: {i}, username: u{i}, password: pw{i}, scopes: [bill]}}\n" for i in "abc"
+    )
+    path = write(tmp_path / "c.yaml", HEAD + "merchants:\n" + entries)
+    running = load_config(path, environ={})
+    write(path, HEAD + "merchants:\n" + entries.replace("pwb", "pw-new"))
+    loaded = load_config(path, environ={})
+    config = loaded.reusing(running)
+    assert config == loaded and config.files == loaded.files
+    a, b, c = config.merchants
+    assert a is running.merchants[0] and c is running.merchants[2]
+    assert b is loaded.merchants[1] and b.password == Secret("pw-new")
+
+
 def test_example_config_is_valid(tmp_path: Path) -> None:
     main = tmp_path / "config.yaml"
     shutil.copy(EXAMPLE, main)
