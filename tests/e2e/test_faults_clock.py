@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import glob
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +22,6 @@ from fault_kit import daemon_config, environ_ci, users_of
 DAY = 86400
 LIFETIME = 3
 GAP = (1.0, 2.6)  # 0.4 .. 0.6 of the lifetime, plus slack either side
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[DaemonProcess]]:
-    running: list[DaemonProcess] = []
-    yield running
-    for d in running:
-        d.kill()
 
 
 def ok_grants(emu: EmulatorProcess, since: int = 0) -> list[dict[str, Any]]:

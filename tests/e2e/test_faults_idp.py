@@ -13,22 +13,13 @@ from __future__ import annotations
 import itertools
 import json
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 from daemon_process import DaemonProcess, merchant, wait_for
 from emulator_process import EmulatorProcess, emulator_factory  # noqa: F401
 from fault_kit import Gate, daemon_config, temp_files, token_doc_problem, users_of
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[DaemonProcess]]:
-    running: list[DaemonProcess] = []
-    yield running
-    for d in running:
-        d.kill()
 
 
 def start(daemons: list[DaemonProcess], folder: Path, config: dict[str, Any]) -> DaemonProcess:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import signal
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,14 +43,6 @@ def make_emulator(
         return emulator_factory({"users": users, **settings})
 
     return make
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[DaemonProcess]]:
-    running: list[DaemonProcess] = []
-    yield running
-    for d in running:
-        d.kill()
 
 
 def token_url(emu: EmulatorProcess) -> str:

@@ -35,14 +35,6 @@ TOKEN_SETS = {("berlin", "bill"), ("berlin", "store"), ("hamburg", "bill")}
 
 
 @pytest.fixture
-def daemons() -> Iterator[list[DaemonProcess]]:
-    running: list[DaemonProcess] = []
-    yield running
-    for d in running:
-        d.kill()
-
-
-@pytest.fixture
 def emulator(
     emulator_factory: Callable[..., EmulatorProcess],  # noqa: F811
 ) -> Callable[..., EmulatorProcess]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,14 +33,6 @@ REFRESH = {"retry_initial": "0.2", "retry_max": "2", "blocked_retry": "1h"}
 @pytest.fixture
 def emu(emulator_factory: Callable[..., EmulatorProcess]) -> EmulatorProcess:  # noqa: F811
     return emulator_factory({"users": [{"username": u, "password": p} for u, p in USERS.values()]})
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[DaemonProcess]]:
-    running: list[DaemonProcess] = []
-    yield running
-    for d in running:
-        d.kill()
 
 
 def m(mid: str, **extra: Any) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +28,6 @@ from anybilld.daemon import Daemon
 from anybilld.systemd import Notifier
 
 FAST_REFRESH = {"at": 0.5, "jitter": 0.1, "retry_initial": "0.2", "retry_max": "1"}
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[DaemonProcess]]:
-    running: list[DaemonProcess] = []
-    yield running
-    for d in running:
-        d.kill()
 
 
 def dead_identity_provider() -> str:
