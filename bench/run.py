@@ -320,9 +320,9 @@ def run_anybilld(
         r["reload_logins_each"] = logins
         r["reload_requests"] = max(requests)
         r["rss_end_mb"] = rss_bytes(d.pid) / MB
-        # Running: start-up, refresh cycles, idle. The reload's own peak (the whole
-        # config as a YAML node tree beside the running one) is a line of its own.
-        r["rss_max_mb"] = max([*rss, r["rss_idle_mb"]])
+        # Running: start-up, refresh cycles, idle, and after the scrapes and reloads
+        # (what stays resident of their answers and of the YAML nodes of a whole config).
+        r["rss_max_mb"] = max([*rss, r["rss_idle_mb"], r["rss_end_mb"]])
         r["emulator_cpu_s"] = cpu_seconds(emu.pid) - emu_cpu0
     finally:
         r["exit_code"] = d.stop()
@@ -431,7 +431,7 @@ ROWS: list[tuple[str, str, str]] = [
     ("rss_mb", "resident memory after start-up (MB)", "{:.1f}"),
     ("rss_max_mb", "resident memory, highest while running (MB)", "{:.1f}"),
     ("rss_growth_mb", "memory growth over the refresh cycles (MB)", "{:+.1f}"),
-    ("rss_end_mb", "resident memory after the reload (MB)", "{:.1f}"),
+    ("rss_end_mb", "resident memory after scrapes and reloads (MB)", "{:.1f}"),
     ("idle_cpu_pct", "idle CPU, nothing due (% of a core)", "{:.2f}"),
     ("metrics_s", "/metrics scrape (s)", "{:.3f}"),
     ("metrics_bytes", "/metrics size (KB)", "{:.0f}"),
