@@ -46,9 +46,11 @@ from pathlib import Path
 from typing import Any
 
 from watchdog.events import (
+    EVENT_TYPE_ATTRIB,
     EVENT_TYPE_CLOSED,
     EVENT_TYPE_CREATED,
     EVENT_TYPE_DELETED,
+    EVENT_TYPE_EVENTS_LOST,
     EVENT_TYPE_MODIFIED,
     EVENT_TYPE_MOVED,
     FileSystemEvent,
@@ -74,8 +76,9 @@ class _QuietEndedEmitter(logging.Filter):
 
 logging.getLogger("watchdog.observers.inotify").addFilter(_QuietEndedEmitter())
 
-# Opening, reading and closing a file unchanged (our own loads!) or touching its atime are
-# not changes; only these are.
+# Opening, reading and closing a file unchanged (our own loads!) are not changes; only
+# these are. A new mode or owner is one: `chmod 0640 secret` fixes a secret the last load
+# could not read.
 _CHANGES = frozenset(
     {
         EVENT_TYPE_CREATED,
@@ -83,6 +86,7 @@ _CHANGES = frozenset(
         EVENT_TYPE_MODIFIED,
         EVENT_TYPE_MOVED,
         EVENT_TYPE_CLOSED,  # closed after writing
+        EVENT_TYPE_ATTRIB,
     }
 )
 _MAX_LINKS = 40  # like the kernel's limit on symlinks in one lookup (ELOOP)
@@ -153,6 +157,7 @@ def watch_set(files: Iterable[Path], patterns: Iterable[str] = (), *, base: Path
     metadata (lstat, readlink)."""
     paths: set[str] = set()
     dirs: set[tuple[str, bool]] = set()
+    base = Path(os.path.abspath(base))  # `--config config.yaml`; events name absolute paths
     for f in files:
         paths |= _link_chain(os.path.abspath(f))
     globs: list[str] = []
@@ -279,7 +284,16 @@ class _Handler(FileSystemEventHandler):
         self._on_event = on_event
 
     def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.event_type == EVENT_TYPE_EVENTS_LOST:
+            # The kernel's queue overflowed: any change may be among the lost events.
+            self._on_event(os.fsdecode(event.src_path) or "(events lost)")
+            return
         if event.event_type not in _CHANGES:
+            return
+        if event.event_type == EVENT_TYPE_MODIFIED and event.is_directory:
+            # A directory "modified" is an entry created, deleted or renamed in it, and
+            # that entry has an event of its own: a README beside merchants.d/*.yaml
+            # must not reload.
             return
         for p in (event.src_path, event.dest_path):
             path = os.fsdecode(p) if p else ""

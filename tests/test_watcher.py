@@ -10,10 +10,18 @@ import threading
 from pathlib import Path
 
 import pytest
+from watchdog.events import DirModifiedEvent, EventsLostEvent
 from watchdog.observers.api import BaseObserver, EventEmitter
 
 from anybilld.clock import FakeClock
-from anybilld.watcher import ConfigWatcher, Debouncer, WatchSet, files_signature, watch_set
+from anybilld.watcher import (
+    ConfigWatcher,
+    Debouncer,
+    WatchSet,
+    _Handler,
+    files_signature,
+    watch_set,
+)
 
 # --------------------------------------------------------------------------- watch_set
 
@@ -75,6 +83,19 @@ def test_an_include_glob_matches_new_files_and_a_missing_directory_is_awaited(
     assert ws.relevant(str(tmp_path / "merchants.d" / "new-store.yaml"))
     assert not ws.relevant(str(tmp_path / "merchants.d" / "README"))
     assert not ws.relevant(str(tmp_path / "merchants.d" / "new-store.yaml.swp"))
+
+
+def test_a_relative_config_path_watches_absolute_paths(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``anybilld --config config.yaml``: inotify names absolute paths, so must the set."""
+    (tmp_path / "merchants.d").mkdir()
+    monkeypatch.chdir(tmp_path)
+    ws = watch_set([Path("config.yaml")], ["merchants.d/*.yaml", "stores.yaml"], base=Path("."))
+    assert (str(tmp_path / "merchants.d"), False) in ws.dirs
+    assert ws.relevant(str(tmp_path / "config.yaml"))
+    assert ws.relevant(str(tmp_path / "merchants.d" / "new-store.yaml"))
+    assert ws.relevant(str(tmp_path / "stores.yaml"))  # an include not yet created
 
 
 def test_a_secret_in_a_missing_directory_watches_the_nearest_ancestor(tmp_path: Path) -> None:
@@ -202,7 +223,7 @@ def test_reading_the_config_and_unrelated_files_report_nothing(tmp_path: Path) -
         cfg.read_text()
         (tmp_path / "unrelated").write_text("x")
         os.replace(tmp_path / "unrelated", tmp_path / "unrelated2")
-        os.chmod(cfg, 0o600)
+        os.chmod(tmp_path / "unrelated2", 0o600)
         # A relevant event after them, through the same queue: once it arrived, the
         # earlier ones have been dispatched too, and none of them counted.
         marker.write_text("m")
@@ -210,6 +231,45 @@ def test_reading_the_config_and_unrelated_files_report_nothing(tmp_path: Path) -
     finally:
         w.stop()
     assert set(seen) == {str(marker)}
+
+
+def test_a_new_mode_counts_and_a_file_the_include_glob_does_not_match_does_not(
+    tmp_path: Path,
+) -> None:
+    """``chmod`` fixes a secret the last load could not read; a README written into
+    merchants.d (its directory "modified") is not a change."""
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text("a")
+    secret = tmp_path / "secret"
+    secret.write_text("pw")
+    (tmp_path / "merchants.d").mkdir()
+    seen: list[str] = []
+    arrived = threading.Event()
+
+    def on_event(path: str) -> None:
+        seen.append(path)
+        if path == str(secret):
+            arrived.set()
+
+    ws = watch_set([cfg, secret], ["merchants.d/*.yaml"], base=tmp_path)
+    w = ConfigWatcher(mode="inotify", poll_interval=1, on_event=on_event, on_death=print)
+    w.start(ws)
+    try:
+        (tmp_path / "merchants.d" / "README").write_text("one file per store")
+        os.chmod(secret, 0o640)
+        assert arrived.wait(10)
+    finally:
+        w.stop()
+    assert seen == [str(secret)]
+
+
+def test_lost_events_count_as_a_change() -> None:
+    """An inotify queue overflow may have swallowed any change: reload."""
+    seen: list[str] = []
+    handler = _Handler(lambda path: False, seen.append)
+    handler.dispatch(EventsLostEvent("/etc/anybilld", is_directory=True))
+    handler.dispatch(DirModifiedEvent("/etc/anybilld"))
+    assert seen == ["/etc/anybilld"]
 
 
 def test_auto_falls_back_to_polling_when_inotify_cannot_be_set_up(tmp_path: Path) -> None:
