@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import ctypes
 import logging
+import os
 import signal
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -78,8 +79,14 @@ class Daemon:
     _debouncer: Debouncer | None = None
     _watching: WatchSet | None = None
     _watcher_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    _watcher_deaths: int = 0
+    _watcher_deaths: int = 0  # in a row, for the restart backoff
+    _watcher_started_at: float = 0.0  # clock.monotonic()
+    _died_while_restarting: bool = False
     _restarting: asyncio.Task[None] | None = None
+
+    def __post_init__(self) -> None:
+        # Events from inotify name absolute paths, whatever directory we were started in.
+        self.config_path = Path(os.path.abspath(self.config_path))
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -334,6 +341,7 @@ class Daemon:
                 log.error("cannot watch the config (%s); trying again; SIGHUP reloads", exc)
                 self._schedule_watcher_restart()
                 return
+        self._watcher_started_at = self.clock.monotonic()
         log.info(
             "watching %d directories for config changes (%s)",
             len(self._watching.dirs),
@@ -344,14 +352,16 @@ class Daemon:
         self, files: tuple[Path, ...], include: tuple[str, ...], *, keep: bool
     ) -> None:
         """Watch what the config just loaded needs. A directory new to the watch may have
-        changed between the load and now, so it earns one more (debounced) reload."""
+        changed between the load and now, so it earns one more (debounced) reload.
+
+        Runs even when the set is unchanged: a watched directory swapped for another of
+        the same name (a deploy renaming ``merchants.d.new`` over ``merchants.d``) has
+        the same path but needs a new watch; ``update`` notices by the inode."""
         if self.watcher is None or self._watching is None:
             return
         ws = await asyncio.to_thread(self._watch_set, files, include)
         if keep:
             ws = ws | self._watching
-        if ws == self._watching:
-            return
         self._watching = ws
         async with self._watcher_lock:
             try:
@@ -377,8 +387,13 @@ class Daemon:
         log.info("now watching the config with %s", self.watcher.using)
 
     def _watcher_died(self, what: str, error: BaseException | None) -> None:
-        if self._stop.is_set() or (self._restarting and not self._restarting.done()):
+        if self._stop.is_set():
             return
+        if self._restarting and not self._restarting.done():
+            self._died_while_restarting = True  # the restart sees it and tries again
+            return
+        if self.clock.monotonic() - self._watcher_started_at > WATCHER_RESTART_MAX:
+            self._watcher_deaths = 0  # it ran a long while: start over at the first delay
         log.error(
             "the config watcher's %s thread died (%s); starting it again",
             what,
@@ -399,11 +414,16 @@ class Daemon:
             if self.watcher is None or self._watching is None or self._stop.is_set():
                 return
             async with self._watcher_lock:
+                self._died_while_restarting = False
                 try:
                     await asyncio.to_thread(self.watcher.start, self._watching)
                 except Exception as exc:
                     log.error("cannot restart the config watcher (%s); trying again", exc)
                     continue
+            if self._died_while_restarting:
+                log.error("the config watcher died again while starting; trying again")
+                continue
+            self._watcher_started_at = self.clock.monotonic()
             log.info("config watcher running again (%s)", self.watcher.using)
             # Whatever changed while nobody watched is picked up now.
             self.request_reload()

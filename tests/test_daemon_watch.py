@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 from pathlib import Path
 
 from watchdog.observers.api import BaseObserver, EventEmitter
@@ -13,7 +14,7 @@ from watchdog.observers.inotify import InotifyObserver
 
 from anybilld.clock import FakeClock
 from anybilld.config import load_config
-from anybilld.daemon import DEBOUNCE_QUIET, WATCHER_RESTART_DELAY, Daemon
+from anybilld.daemon import DEBOUNCE_QUIET, WATCHER_RESTART_DELAY, WATCHER_RESTART_MAX, Daemon
 
 CONFIG = """\
 version: 1
@@ -111,5 +112,90 @@ async def test_a_watcher_that_cannot_start_is_tried_again(tmp_path: Path) -> Non
         await clock.advance(2 * WATCHER_RESTART_DELAY)  # backed off, third try works
         await eventually(lambda: d._reload.is_set())
         assert d.watcher is not None and d.watcher.using == "inotify"
+    finally:
+        await d._stop_watching()
+
+
+class DiesWhileStarting(BaseObserver):
+    """An observer whose emitter thread has died by the time ``start`` returns."""
+
+    def __init__(self) -> None:
+        super().__init__(ExplodingEmitter, timeout=0.05)
+
+    def start(self) -> None:
+        super().start()
+        for emitter in list(self.emitters):
+            emitter.join(5)
+
+
+async def test_a_watcher_that_dies_again_while_restarting_is_restarted_again(
+    tmp_path: Path,
+) -> None:
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(CONFIG)
+    clock = FakeClock()
+    made: list[str] = []
+
+    def make() -> BaseObserver:
+        if len(made) < 2:
+            made.append("broken")
+            return DiesWhileStarting()
+        made.append("inotify")
+        return InotifyObserver()
+
+    d = Daemon(config_path=cfg, clock=clock, make_inotify=make)
+    await d._start_watching(load_config(cfg), asyncio.get_running_loop())
+    try:
+        await eventually(lambda: clock.sleeping)
+        await clock.advance(WATCHER_RESTART_DELAY)  # the restart dies too
+        await eventually(lambda: len(made) == 2 and clock.sleeping)
+        await clock.advance(2 * WATCHER_RESTART_DELAY)
+        await eventually(lambda: len(made) == 3)
+        await eventually(lambda: d._reload.is_set())
+        assert d.watcher is not None and d.watcher.using == "inotify"
+        d._reload.clear()
+        cfg.write_text(CONFIG + "# seen by the third observer\n")
+        await eventually(lambda: clock.sleeping)
+        await clock.advance(DEBOUNCE_QUIET)
+        assert d._reload.is_set()
+    finally:
+        await d._stop_watching()
+
+
+async def test_a_watcher_that_ran_a_long_while_restarts_after_the_first_delay(
+    tmp_path: Path,
+) -> None:
+    """The backoff between restarts grows only while the watcher keeps dying."""
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(CONFIG)
+    clock = FakeClock()
+    explode = threading.Event()
+
+    class ExplodesOnRequest(EventEmitter):
+        def queue_events(self, timeout: float) -> None:
+            if explode.wait(timeout):
+                raise RuntimeError("emitter broke")
+
+    made: list[BaseObserver] = []
+
+    def make() -> BaseObserver:
+        made.append(BaseObserver(ExplodesOnRequest, timeout=0.05))
+        return made[-1]
+
+    d = Daemon(config_path=cfg, clock=clock, make_inotify=make)
+    await d._start_watching(load_config(cfg), asyncio.get_running_loop())
+    try:
+        for _ in range(3):  # dies three times in a row: 1 s, 2 s, 4 s
+            explode.set()
+            await eventually(lambda: clock.sleeping)
+            explode.clear()
+            await clock.advance(clock.sleeping[0])
+            await eventually(lambda: not clock.sleeping and d._restarting.done())  # type: ignore[union-attr]
+        assert len(made) == 4
+        await clock.advance(WATCHER_RESTART_MAX + 1)  # then runs for a long while
+        explode.set()
+        await eventually(lambda: clock.sleeping)
+        assert clock.sleeping == [WATCHER_RESTART_DELAY]
+        explode.clear()
     finally:
         await d._stop_watching()

@@ -309,6 +309,33 @@ def test_a_file_added_to_and_removed_from_merchants_d(
     assert d.stop() == 0
 
 
+def test_a_directory_swapped_for_a_new_one_stays_watched(
+    tmp_path: Path, emu: EmulatorProcess, daemons: list[DaemonProcess]
+) -> None:
+    """A deploy that builds the new ``merchants.d`` beside the old one and swaps them by
+    renaming; later edits land in the new directory and must still be seen."""
+    cfg = config(emu, [m("berlin")], include=["merchants.d/*.yaml"])
+    folder = tmp_path / "d"
+    (folder / "merchants.d").mkdir(parents=True)
+    (folder / "merchants.d" / "stores.yaml").write_text(dump({"merchants": [m("munich")]}))
+    d = start(daemons, folder, cfg)
+    wait_for(lambda: published(d, {"berlin", "munich"}), what="first tokens")
+    mark = last_request_id(emu)
+
+    new = folder / "merchants.d.new"
+    new.mkdir()
+    (new / "stores.yaml").write_text(dump({"merchants": [m("munich"), m("hamburg")]}))
+    os.rename(folder / "merchants.d", folder / "merchants.d.old")
+    os.rename(new, folder / "merchants.d")
+    wait_for(lambda: published(d, {"hamburg"}), what="hamburg from the swapped-in directory")
+
+    # An edit inside the directory that replaced the watched one (same file names).
+    (folder / "merchants.d" / "stores.yaml").write_text(dump({"merchants": [m("hamburg")]}))
+    wait_for(lambda: live(d) == {"berlin", "hamburg"}, what="munich gone after the edit")
+    assert password_logins(emu, mark) == ["svc-hamburg"]
+    assert d.stop() == 0
+
+
 # --------------------------------------------------------------------------- removal
 
 
