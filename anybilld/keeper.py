@@ -283,8 +283,15 @@ class Keeper:
         await asyncio.gather(self._task, return_exceptions=True)
         if self._persisting is not None:
             # The shield kept it running through the cancellation; wait for it, so that
-            # nothing writes this token set's files after stop() returned.
-            await asyncio.gather(self._persisting, return_exceptions=True)
+            # nothing writes this token set's files after stop() returned. asyncio.wait,
+            # not gather: should this wait itself be cancelled, the save goes on.
+            await asyncio.wait({self._persisting})
+
+    @property
+    def saving(self) -> asyncio.Future[None] | None:
+        """The save under way (state, then token files), if any."""
+        p = self._persisting
+        return None if p is None or p.done() else p
 
     async def wait(self) -> None:
         if self._task is not None:

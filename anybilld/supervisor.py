@@ -22,6 +22,8 @@ from .keeper import Account, Keeper, Runtime, TokenState
 
 log = logging.getLogger("anybilld.supervisor")
 
+SAVE_TIMEOUT = 8.0  # seconds: saves under way at shutdown, after the stop timeout
+
 Key = tuple[str, str]
 
 
@@ -140,6 +142,20 @@ class Supervisor:
             await asyncio.wait_for(stopping, timeout)
         except TimeoutError:
             log.warning("%d token sets did not stop within %.0fs", len(keepers), timeout)
+        # A token the IdP handed out is saved and published even past the timeout: a
+        # single-use refresh token is spent once answered. These are a few small writes
+        # each; only a stuck disk holds them for long, and not past SAVE_TIMEOUT (within
+        # the unit's TimeoutStopSec=15s).
+        saving = {s for k in keepers if (s := k.saving) is not None}
+        if saving:
+            log.warning("finishing %d token saves under way before exiting", len(saving))
+            _, left = await asyncio.wait(saving, timeout=SAVE_TIMEOUT)
+            if left:
+                log.error(
+                    "%d token saves did not finish; their state or files may lag, and the "
+                    "next start publishes what the state holds",
+                    len(left),
+                )
 
     async def _remove(self, keeper: Keeper) -> None:
         await keeper.stop()

@@ -393,3 +393,18 @@ async def test_new_defaults_change_every_token_set_even_with_equal_merchant_entr
     await settle()
     assert {s.key for s in d.changed} == {("a", "bill"), ("b", "bill")}
     assert (env.out / "a.bill.token").exists() and (env.out / "b.bill.token").exists()
+
+
+async def test_stop_finishes_a_save_that_outlasts_the_timeout(env: Env) -> None:
+    """The token was handed out: it is saved and published even when the disk is slow."""
+    gate = asyncio.Event()
+    env.rt.run_io = gated_save(env, gate)
+    await env.sup.apply(env.config(merchant("berlin-01", "bill")))
+    await settle()  # the grant arrived; its save waits for the disk
+    stopping = asyncio.ensure_future(env.sup.stop(timeout=0.01))
+    await asyncio.sleep(0.05)  # the stop's timeout has passed
+    assert not env.token_file("berlin-01", "bill").exists()
+    gate.set()
+    await stopping
+    assert env.state_file("berlin-01", "bill").exists()
+    assert env.token_file("berlin-01", "bill").exists()

@@ -268,3 +268,49 @@ def test_sigterm_with_hundreds_of_requests_in_flight_exits_0_and_leaves_every_fi
     assert not file_problems(d.output_dir, d.state_dir)
     assert {k: d.token_file(*k).read_bytes() for k in waiting} == published
     assert all(d.token_file(*k).exists() for k in keys)
+
+
+def test_sigterm_while_answers_land_saves_and_publishes_each_of_them(
+    tmp_path: Path,
+    emulator_factory: Callable[..., EmulatorProcess],  # noqa: F811
+    daemons: list[DaemonProcess],
+) -> None:
+    """The refreshes in flight are answered during the shutdown's grace: every token the
+    daemon saved in its state is also the one in the token file (a save is never cut off
+    between the state and the files)."""
+    scopes = ["bill", "category", "customer", "store", "user"]
+    merchants = [
+        merchant(f"m{i:02d}", f"svc-{i:02d}", f"pw-{i:02d}-Pa55", scopes) for i in range(60)
+    ]
+    emu = emulator_factory({"users": users_of(merchants), "access_token_lifetime": 6})
+    config = daemon_config(
+        emu,
+        merchants,
+        identity={"max_requests_per_second": 2000, "max_concurrent_requests": 400},
+    )
+    d = DaemonProcess(tmp_path / "d", config)
+    daemons.append(d)
+    keys = [(m["id"], s) for m in merchants for s in scopes]
+    wait_for(lambda: all(d.read_json(*k) for k in keys), timeout=60, what="300 token files")
+    mark = max(int(r["id"]) for r in emu.requests())
+    # Each refresh from now on is answered two seconds after it arrives, near the end of
+    # the grace that requests under way get.
+    emu.add_faults({"kind": "hang", "seconds": 2, "times": None})
+    wait_for(
+        lambda: sum(r["fault"] == "hang" for r in emu.requests(mark)) >= 250,
+        timeout=60,
+        what="hundreds of requests in flight",
+    )
+    d.signal(signal.SIGTERM)
+    assert d.stop(timeout=10) == 0
+    emu.clear_faults()
+    assert not temp_files(d.output_dir, d.state_dir)
+    assert not file_problems(d.output_dir, d.state_dir)
+    differ = []
+    for k in keys:
+        stored = json.loads((d.state_dir / k[0] / f"{k[1]}.json").read_bytes())
+        doc = d.read_json(*k)
+        assert doc is not None
+        if stored["access_token"] != doc["access_token"]:
+            differ.append(k)
+    assert differ == []
