@@ -438,7 +438,14 @@ class Keeper:
             self.refresh_expires_at = stored.refresh_token_expires_at
             if stored.refresh_token_expires_at is not None:
                 self._refresh_deadline = now_mono + (stored.refresh_token_expires_at - now_wall)
-        self._grant_credentials = stored.grant_credentials or self._digest(spec)
+        # A grant whose credentials digest is unknown (none stored, or the state's key was
+        # lost) is taken as the current credentials': a password login for nothing would
+        # cost a lockout attempt per token set should the password be wrong.
+        self._grant_credentials = (
+            stored.grant_credentials
+            if self.rt.store.recognises(stored.grant_credentials)
+            else self._digest(spec)
+        )
         self._restore_block(stored, now_wall, now_mono)
         owed = self._login_owed(spec)
         if owed and self.block is not None:
@@ -476,8 +483,12 @@ class Keeper:
         known = {r.value for r in BlockReason}
         if until_wall is None or until_wall <= now_wall or reason is None or reason not in known:
             return
-        if self.rt.store.digest(_credentials_text(spec)) != stored.blocked_credentials:
+        if self.rt.store.recognises(stored.blocked_credentials) and (
+            self.rt.store.digest(_credentials_text(spec)) != stored.blocked_credentials
+        ):
             return  # the credentials changed since: the block is lifted
+        # Same credentials, or unknown (the state's key was lost): honour the block; a
+        # change of the config or secret from now on lifts it.
         error = PermanentError(
             "blocked before the restart", reason=BlockReason(reason), code=stored.blocked_code
         )

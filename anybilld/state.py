@@ -135,9 +135,23 @@ class StateStore:
         earned with): without the key, which is as private as the refresh tokens beside
         it, the digest does not help anyone guess a password. Cheap, so it runs on the loop.
         """
+        key = self._the_key()
+        return f"{_key_id(key)}:{hmac.new(key, text.encode(), hashlib.sha256).hexdigest()}"
+
+    def recognises(self, stored_digest: str | None) -> bool:
+        """Whether ``stored_digest`` was made under this directory's key, so comparing it
+        with ``digest()`` means something. Not after the key file was lost or replaced:
+        then a stored digest is unknown, never a changed password (a new login, a lifted
+        block). Digests from before key ids existed are taken as made under this key."""
+        if stored_digest is None:
+            return False
+        kid, sep, _ = stored_digest.partition(":")
+        return not sep or kid == _key_id(self._the_key())
+
+    def _the_key(self) -> bytes:
         if self._key is None:  # prepare() loads it; this is for stores used without it
             self._key = self._load_key()
-        return hmac.new(self._key, text.encode(), hashlib.sha256).hexdigest()
+        return self._key
 
     def _load_key(self) -> bytes:
         path = self._dir / KEY_FILE
@@ -404,3 +418,8 @@ def _time(doc: dict[str, object], key: str) -> float:
     if value is None:
         raise _CorruptState(f"field {key!r} is null")
     return value
+
+
+def _key_id(key: bytes) -> str:
+    """A short name of the key stored with each digest; tells keys apart, reveals nothing."""
+    return hashlib.sha256(b"anybilld digest key id\0" + key).hexdigest()[:12]

@@ -41,6 +41,7 @@ from anybilld.errors import BlockReason, PermanentError, TransientError
 from anybilld.files import rfc3339
 from anybilld.keeper import Account, Keeper, TokenState
 from anybilld.secret import Secret
+from anybilld.state import StateStore
 
 
 def upper(a: float, b: float) -> float:
@@ -280,6 +281,50 @@ async def test_restart_with_an_expired_access_token_refreshes_without_the_passwo
     assert env.client.sent[1].refresh_token == "RT-1"
     assert second.state == TokenState.OK
     assert env.token_doc()["access_token"] == "AT-2"
+
+
+def lose_the_state_key(env: Env) -> None:
+    """The state directory's digest key deleted (restored from a backup without it, say):
+    the next start makes a new one, under which no stored digest compares."""
+    (env.state_dir / ".digest-key").unlink()
+    env.store = env.rt.store = StateStore(env.state_dir)
+    env.store.prepare()
+
+
+async def test_a_lost_state_key_costs_no_password_login(env: Env) -> None:
+    env.client.push(grant("1"))
+    first = env.start()
+    await settle()
+    await first.stop()
+    lose_the_state_key(env)
+
+    second = env.start()
+    await settle()
+    assert env.client.grants == ["password"]
+    assert second.state == TokenState.OK
+    env.client.push(grant("2"))
+    await env.advance(1800.0)
+    assert env.client.grants == ["password", "refresh"]
+
+
+async def test_a_lost_state_key_keeps_a_stored_block(env: Env) -> None:
+    env.client.push(wrong_password())
+    first = env.start()
+    await settle()
+    assert first.state == TokenState.BLOCKED
+    await first.stop()
+    lose_the_state_key(env)
+
+    second = env.start()
+    await settle()
+    assert env.client.grants == ["password"]  # the refused password is not tried again
+    assert second.state == TokenState.BLOCKED
+    # A new password still lifts it at once.
+    env.client.push(grant("1"))
+    second.update(env.spec(password="pw-new"))
+    await settle()
+    assert env.client.grants == ["password", "password"]
+    assert second.state == TokenState.OK
 
 
 async def test_corrupt_state_is_ignored_and_replaced_after_a_password_login(env: Env) -> None:

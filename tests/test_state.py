@@ -327,3 +327,16 @@ def test_save_tightens_a_loose_merchant_directory(store: StateStore, tmp_path: P
     store.save("m", "s", GRANT)
     assert mode_of(loose) == 0o700
     assert mode_of(loose / "s.json") == 0o600
+
+
+def test_digests_name_their_key_and_only_this_key_is_recognised(tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "state")
+    store.prepare()
+    d = store.digest("svc-berlin\0pw")
+    assert store.recognises(d)
+    assert store.digest("svc-berlin\0pw") == d
+    other = StateStore(tmp_path / "elsewhere")
+    other.prepare()
+    assert not other.recognises(d)
+    assert not store.recognises(None)
+    assert store.recognises("0" * 64)  # written before digests named their key
