@@ -138,6 +138,22 @@ class Account:
 
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     block: _Block | None = None
+    # Token sets still reading their state: one of them may hold a block of the account
+    # from before a restart, so no password login may start until they are done.
+    restoring: int = 0
+    restored: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.restored.set()
+
+    def begin_restore(self) -> None:
+        self.restoring += 1
+        self.restored.clear()
+
+    def end_restore(self) -> None:
+        self.restoring -= 1
+        if self.restoring == 0:
+            self.restored.set()
 
     def blocked(self, spec: TokenSetSpec, now: float) -> _Block | None:
         """The block that stops a password login with ``spec``'s credentials, if any.
@@ -183,6 +199,7 @@ class Keeper:
         "_refresh_deadline",
         "_republish_at",
         "_restart",
+        "_restoring",
         "_state_dirty",
         "_stopping",
         "_task",
@@ -245,6 +262,7 @@ class Keeper:
         self._stopping = Flag()  # finish the request under way, then end
         self._task: asyncio.Task[None] | None = None
         self._persisting: asyncio.Future[None] | None = None
+        self._restoring = False  # counted in account.restoring until the state is read
         self._attempt_spec = spec  # the spec of the attempt under way or last made
         self._in_request = False  # a grant request has been handed to the client
         self.internal_error: str | None = None  # the last unexpected error, until restarted
@@ -257,7 +275,14 @@ class Keeper:
 
     def start(self, *, once: bool = False) -> None:
         name = f"keeper {self.spec.merchant}/{self.spec.scope.name}"
+        self.account.begin_restore()
+        self._restoring = True
         self._task = asyncio.create_task(self.run(once=once), name=name)
+
+    def _restore_done(self) -> None:
+        if self._restoring:
+            self._restoring = False
+            self.account.end_restore()
 
     async def stop(self, grace: float = 0.0) -> None:
         """End the task: a request under way may finish within ``grace`` seconds, then the
@@ -281,6 +306,7 @@ class Keeper:
                 )
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
+        self._restore_done()  # stopped before its state was read: siblings wait no more
         if self._persisting is not None:
             # The shield kept it running through the cancellation; wait for it, so that
             # nothing writes this token set's files after stop() returned. asyncio.wait,
@@ -358,7 +384,10 @@ class Keeper:
                 await self._sleep(window, self._stopping)
 
     async def _run(self, *, once: bool) -> None:
-        await self._restore()
+        try:
+            await self._restore()
+        finally:
+            self._restore_done()
         self.internal_error = None
         while not self._stopping.is_set():
             self._wake.clear()
@@ -617,6 +646,7 @@ class Keeper:
             return None
 
     async def _password_login(self, spec: TokenSetSpec) -> Grant:
+        await self.account.restored.wait()  # a sibling's stored block counts too
         async with self.account.lock:
             now = self.rt.clock.monotonic()
             block = self.account.blocked(spec, now)

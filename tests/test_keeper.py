@@ -498,6 +498,25 @@ async def test_a_dead_refresh_grant_leads_to_exactly_one_password_login_at_once(
 # ---------------------------------------------------------------- permanent failures
 
 
+async def test_a_scope_without_state_waits_for_its_siblings_stored_block_at_start(
+    env: Env,
+) -> None:
+    """Blocked for a wrong password, then restarted with a scope that has no state (added
+    while stopped, or its file lost): the block stored by the sibling stops its login."""
+    env.client.push(wrong_password())
+    first = env.start()
+    await settle()
+    assert first.state == TokenState.BLOCKED
+    await first.stop()
+
+    account = Account()  # a restart: one account for the merchant's token sets
+    new_scope = env.start(env.spec(scope="store"), account)
+    sibling = env.start(env.spec(), account)
+    await settle()
+    assert env.client.grants == ["password"]
+    assert sibling.state == new_scope.state == TokenState.BLOCKED
+
+
 async def test_a_wrong_password_blocks_until_blocked_retry_then_exactly_one_attempt(
     env: Env,
 ) -> None:
