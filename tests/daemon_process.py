@@ -176,6 +176,24 @@ class DaemonProcess:
 
     def check_no_secrets(self) -> None:
         assert_no_secrets([self.log(), *self.seen], self.passwords)
+        # Pieces of the tokens held at the end too, not only whole ones: a signature or a
+        # refresh token's tail in a log line would escape the shape above.
+        texts = [self.log(), *self.seen]
+        for piece in self._token_pieces():
+            assert all(piece not in t for t in texts), "a piece of a token leaked"
+
+    def _token_pieces(self) -> set[str]:
+        pieces: set[str] = set()
+        for path in [*self.state_dir.rglob("*.json"), *self.output_dir.rglob("*.json")]:
+            try:
+                doc = json.loads(path.read_bytes())
+            except (OSError, ValueError):
+                continue
+            for key in ("access_token", "refresh_token"):
+                value = doc.get(key) if isinstance(doc, dict) else None
+                if isinstance(value, str) and len(value) >= 40:
+                    pieces.add(value[-24:])
+        return pieces
 
     # ------------------------------------------------------------------ reading
 

@@ -372,12 +372,16 @@ def test_refused_accounts_are_never_locked_out_and_a_fixed_secret_lifts_the_bloc
 
     for user in ("svc-wrong", "svc-locked", "svc-client", "svc-scope"):
         sent = passwords_sent(emu, user)
-        # Never more often than blocked_retry allows (from the emulator's timestamps),
-        # and one login at a time for the merchant's two scopes.
+        # Never more often than blocked_retry allows, one login at a time for the
+        # merchant's two scopes. A causal bound, not a timing: the next attempt cannot
+        # arrive before the refusal reached the daemon plus blocked_retry (the record's
+        # timestamps are rounded to 1 ms).
         gaps = [b["at"] - a["at"] for a, b in itertools.pairwise(sent)]
-        assert all(g >= blocked_retry * 0.9 for g in gaps), (user, gaps)
+        assert all(g >= blocked_retry - 0.002 for g in gaps), (user, gaps)
+    # B2C's smart lockout counts distinct wrong passwords (the emulator too): retrying the
+    # one configured password, however slowly, never locks the account.
     counters = {u["username"]: u for u in emu.users()}
-    assert counters["svc-wrong"]["failed_attempts"] < threshold
+    assert len(passwords_sent(emu, "svc-wrong")) > threshold
     assert counters["svc-wrong"]["locked_until"] is None
 
     # The operator fixes the password, and sets blocked_retry back to an hour: the block is
