@@ -54,7 +54,8 @@ seconds still left as ``for_seconds``. The kinds:
     server_error  status: any 5xx (503), with an HTML page
     html200       200 with an HTML page
     raw           exactly status (200), body (""), content_type (JSON) and repeat (1: the
-                  body repeated, for huge answers without a huge control request)
+                  body repeated, for huge answers without a huge control request);
+                  body_base64 instead of body gives bytes that are no UTF-8
     reset         the connection is dropped without an answer
     hang          wait seconds (3600), then answer normally; emulator shutdown drops it
 
@@ -380,7 +381,7 @@ _FAULT_FIELDS: dict[str, frozenset[str]] = {
     "error": frozenset({"code", "status", "error", "message"}),
     "server_error": frozenset({"status"}),
     "html200": frozenset(),
-    "raw": frozenset({"status", "body", "content_type", "repeat"}),
+    "raw": frozenset({"status", "body", "body_base64", "content_type", "repeat"}),
     "reset": frozenset(),
     "hang": frozenset({"seconds"}),
 }
@@ -461,6 +462,10 @@ def _parse_fault(raw: object) -> _Fault:
         _check_status(raw.get("status", 200))
         if not isinstance(raw.get("body", ""), str):
             raise ValueError("body must be a string")
+        if "body_base64" in raw:
+            if "body" in raw:
+                raise ValueError("give body or body_base64, not both")
+            _raw_body(raw)  # refused here, not at the answer
         if not isinstance(raw.get("content_type", JSON_TYPE), str):
             raise ValueError("content_type must be a string")
         repeat = raw.get("repeat", 1)
@@ -480,6 +485,19 @@ def _parse_fault(raw: object) -> _Fault:
         spec=spec,
         for_seconds=None if for_seconds is None else float(for_seconds),
     )
+
+
+def _raw_body(spec: dict[str, Any]) -> bytes:
+    """The bytes a raw fault answers with, once (before ``repeat``)."""
+    if "body_base64" not in spec:
+        return str(spec.get("body", "")).encode()
+    encoded = spec["body_base64"]
+    if not isinstance(encoded, str):
+        raise ValueError("body_base64 must be a string")
+    try:
+        return base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("body_base64 is not base64") from None
 
 
 def _check_status(status: object) -> int:
@@ -721,7 +739,7 @@ class Emulator:
         # raw
         status = int(spec.get("status", 200))
         record["status"] = status
-        body = str(spec.get("body", "")).encode() * int(spec.get("repeat", 1))
+        body = _raw_body(spec) * int(spec.get("repeat", 1))
         ctype = str(spec.get("content_type", JSON_TYPE))
         return Response(status=status, body=body, content_type=ctype, headers=headers)
 
