@@ -146,7 +146,8 @@ def parse_retry_after(
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    # ASCII only: str.isdigit() also holds for "²", which float() refuses.
+    if value.isascii() and value.isdigit():
         return min(float(value), RETRY_AFTER_CAP)
     when = _http_date(value)
     if when is None:
@@ -159,6 +160,7 @@ def parse_retry_after(
 # Far above anything B2C issues (access tokens live at most a day, refresh tokens at most
 # 90 days), and far below what would overflow a date: a larger lifetime is garbage.
 MAX_LIFETIME = 10 * 365 * 86400
+_MAX_DIGITS = len(str(MAX_LIFETIME)) + 10  # room for leading zeros, far below int()'s limit
 
 
 def _number(answer: Mapping[str, object], key: str, *, required: bool) -> float | None:
@@ -173,6 +175,8 @@ def _number(answer: Mapping[str, object], key: str, *, required: bool) -> float 
     if isinstance(value, int):
         number = value
     elif isinstance(value, str) and value.isascii() and value.isdigit():
+        if len(value) > _MAX_DIGITS:  # int() refuses a few thousand digits with ValueError
+            raise TransientError(f"malformed answer: {key} is implausibly large")
         number = int(value)
     else:
         raise TransientError(f"malformed answer: {key} is not an integer")
@@ -194,20 +198,45 @@ def _token(answer: Mapping[str, object], key: str) -> Secret | None:
     return Secret(value)
 
 
+def _json(body: bytes) -> object:
+    """The decoded body, or None when it is no JSON at all.
+
+    ValueError covers invalid JSON, bytes that are no UTF-8/16/32 (UnicodeDecodeError) and
+    integers of more digits than ``int()`` takes; RecursionError a nesting deeper than the
+    interpreter's stack (``[[[...]]]`` 100,000 deep fits well within MAX_ANSWER_BYTES).
+    """
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+
+
 def parse_answer(
     grant: GrantType, status: int, headers: Mapping[str, str], body: bytes, *, now: float
 ) -> Grant:
     """Turn one HTTP answer into a Grant, or raise the IdentityError class it belongs to.
 
     ``now`` (wall clock) is only used to read a ``Retry-After`` HTTP date. ``headers`` must
-    have lower-case names.
+    have lower-case names. Whatever the answer holds, the only exceptions are IdentityError
+    classes: an answer that cannot be read at all is a malformed answer, a TransientError.
     """
-    answer: object = None
     try:
-        answer = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        answer = None
+        return _classify(grant, status, headers, body, now=now)
+    except IdentityError:
+        raise
+    except Exception as exc:
+        # A malformed answer that the checks below did not foresee. It is the IdP's answer
+        # that is bad, not the token set: retried as an outage, like any other garbage,
+        # instead of escaping as a crash of the keeper.
+        raise TransientError(
+            f"malformed answer: unreadable ({type(exc).__name__})", status=status
+        ) from None
 
+
+def _classify(
+    grant: GrantType, status: int, headers: Mapping[str, str], body: bytes, *, now: float
+) -> Grant:
+    answer = _json(body)
     if status == 200:
         if not isinstance(answer, dict):
             raise TransientError("malformed answer: 200 without a JSON object", status=status)

@@ -7,6 +7,7 @@ import json
 import httpx
 import pytest
 
+from anybilld import identity
 from anybilld.clock import FakeClock, SystemClock
 from anybilld.config import RefreshSettings, Scope, TokenSetSpec
 from anybilld.errors import (
@@ -97,6 +98,53 @@ def test_success_accepts_numbers_as_ints_or_digit_strings(
 def test_unusable_200_is_transient(body: bytes) -> None:
     with pytest.raises(TransientError):
         parse_answer("refresh", 200, {}, body, now=NOW)
+
+
+DEEP = 100_000  # far deeper than the interpreter's recursion limit, far below the size cap
+
+
+@pytest.mark.parametrize("status", [200, 400, 429, 503])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"[" * DEEP + b"]" * DEEP,
+        b"[" * DEEP,  # unterminated
+        b'{"a":' * DEEP + b"1" + b"}" * DEEP,
+        b'{"access_token": "eyJ", "expires_in": 60, "x": ' + b"[" * DEEP + b"]" * DEEP + b"}",
+        b'{"error_description": ' + b"[" * DEEP + b"]" * DEEP + b"}",
+        # Bytes that are no UTF-8 (nor the UTF-16/32 that json.loads also detects).
+        b'{"access_token": "eyJ\xff\xfe", "expires_in": 60}',
+        b"\xff\xfe garbage \x00",
+        b"\x00\x00\x00{\xff",
+        b"\xc3\x28\xa0\xa1",
+        b'{"error_description": "AADB2C90225: \xff"}',
+        # A digit string longer than int() converts (4,300 digits).
+        ok(expires_in="9" * 5000),
+        ok(expires_in=60, refresh_token="eyJr", refresh_token_expires_in="1" * 5000),
+        b'{"access_token": "eyJ", "expires_in": ' + b"9" * 5000 + b"}",
+    ],
+)
+def test_an_unreadable_answer_is_transient_whatever_it_holds(status: int, body: bytes) -> None:
+    with pytest.raises(TransientError):
+        parse_answer("refresh", status, {}, body, now=NOW)
+
+
+def test_an_answer_the_reader_did_not_foresee_is_transient(monkeypatch: pytest.MonkeyPatch) -> None:
+    def unforeseen(body: bytes) -> object:
+        raise MemoryError
+
+    monkeypatch.setattr(identity, "_json", unforeseen)
+    with pytest.raises(TransientError, match="malformed answer"):
+        parse_answer("refresh", 200, {}, ok(expires_in=60), now=NOW)
+
+
+@pytest.mark.parametrize("value", ["\u00b2", "\u0661\u0662", "9" * 5000 + "\u00b9"])
+def test_a_retry_after_of_unusual_digits_is_ignored(value: str) -> None:
+    # str.isdigit() holds for "²" and Arabic-Indic digits; float() refuses some of them.
+    assert parse_retry_after(value, now=NOW) is None
+    with pytest.raises(TransientError) as info:
+        parse_answer("refresh", 429, {"retry-after": value}, b"", now=NOW)
+    assert info.value.retry_after is None
 
 
 @pytest.mark.parametrize(
@@ -260,6 +308,22 @@ async def test_client_counts_outcomes_through_the_observer() -> None:
     with pytest.raises(DeadGrantError):
         await client.request(refresh_request(spec(), grant.refresh_token or Secret("x")), timeout=1)
     assert seen == [("password", "success"), ("refresh", "dead_grant")]
+    await client.aclose()
+
+
+async def test_a_deeply_nested_answer_is_a_transient_outcome() -> None:
+    seen: list[tuple[str, str]] = []
+    body = b"[" * DEEP + b"]" * DEEP
+    client = IdentityClient(
+        clock=FakeClock(),
+        max_concurrent=1,
+        max_per_second=1000,
+        transport=httpx.MockTransport(lambda r: httpx.Response(200, content=body)),
+        observer=lambda g, o, d: seen.append((g, o)),
+    )
+    with pytest.raises(TransientError, match="malformed answer"):
+        await client.request(password_request(spec()), timeout=1)
+    assert seen == [("password", "transient")]
     await client.aclose()
 
 

@@ -10,6 +10,7 @@ text read for passwords and tokens.
 
 from __future__ import annotations
 
+import base64
 import itertools
 import json
 import signal
@@ -205,6 +206,11 @@ def test_a_few_hundred_token_sets_under_throttling_stay_under_the_cap_and_all_ge
 
 # --------------------------------------------------------------------------- garbage
 
+
+def b64(body: bytes) -> str:
+    return base64.b64encode(body).decode()
+
+
 MALFORMED: list[dict[str, Any]] = [
     {"kind": "raw", "body": '{"access_token": "eyJhbGciOi'},  # truncated JSON
     {"kind": "raw", "body": ""},  # empty 200
@@ -224,6 +230,14 @@ MALFORMED: list[dict[str, Any]] = [
     {"kind": "raw", "status": 400, "body": '{"error": "invalid_grant", "error_description": 5}'},
     {"kind": "raw", "status": 400, "body": '{"error_description": "AADB2C"}'},
     {"kind": "raw", "body": "\xff\xfe garbage \x00"},
+    {"kind": "raw", "body": "[", "repeat": 100_000},  # nested deeper than any stack
+    {"kind": "raw", "body": '{"a": [', "repeat": 30_000},
+    {"kind": "raw", "status": 400, "body": '{"error_description": [', "repeat": 10_000},
+    # Bytes that are no UTF-8, in a token, in an error, and alone.
+    {"kind": "raw", "body_base64": b64(b'{"access_token": "eyJ\xff", "expires_in": 3600}')},
+    {"kind": "raw", "status": 400, "body_base64": b64(b'{"error_description": "\xc3\x28"}')},
+    {"kind": "raw", "body_base64": b64(b"\xff\xfe\x00\xd8garbage")},
+    {"kind": "raw", "body": '{"access_token": "eyJabc", "expires_in": "' + "9" * 5000 + '"}'},
     {"kind": "html200"},
 ]
 
