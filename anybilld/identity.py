@@ -318,9 +318,11 @@ class RateLimiter:
             await self._clock.sleep(slot - now)
 
 
-# Called once per finished request with (grant, outcome, seconds); outcome is "success" or
-# the kind of the IdentityError raised ("transient", "dead_grant", "permanent").
+# Called once per finished request with (grant, outcome, seconds); outcome is "success",
+# the kind of the IdentityError raised ("transient", "dead_grant", "permanent"), or
+# UNEXPECTED for any other exception. A cancelled request is not reported.
 ExchangeObserver = Callable[[GrantType, str, float], None]
+UNEXPECTED = "error"
 
 
 class IdentityClient:
@@ -384,10 +386,14 @@ class IdentityClient:
                 if self._paused_until <= self._clock.monotonic():
                     break
             started = time.perf_counter()
-            outcome = "success"
+            # None until the request has an outcome: a request cancelled (at shutdown) has
+            # none and is not counted; only a returned grant counts as a success.
+            outcome: str | None = None
             try:
                 status, headers, body = await self._send(req, timeout)
-                return parse_answer(req.grant, status, headers, body, now=self._clock.time())
+                grant = parse_answer(req.grant, status, headers, body, now=self._clock.time())
+                outcome = "success"
+                return grant
             except IdentityError as exc:
                 outcome = exc.kind
                 if isinstance(exc, TransientError) and exc.throttled and exc.retry_after:
@@ -395,8 +401,11 @@ class IdentityClient:
                         self._paused_until, self._clock.monotonic() + exc.retry_after
                     )
                 raise
+            except Exception:
+                outcome = UNEXPECTED  # a bug, not an answer: the keeper restarts the token set
+                raise
             finally:
-                if self._observer is not None:
+                if self._observer is not None and outcome is not None:
                     self._observer(req.grant, outcome, time.perf_counter() - started)
 
     async def _send(self, req: TokenRequest, timeout: float) -> tuple[int, dict[str, str], bytes]:

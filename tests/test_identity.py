@@ -311,6 +311,52 @@ async def test_client_counts_outcomes_through_the_observer() -> None:
     await client.aclose()
 
 
+async def test_an_unexpected_error_is_not_counted_as_a_success() -> None:
+    seen: list[tuple[str, str]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise RuntimeError("a bug below the client")
+
+    client = IdentityClient(
+        clock=FakeClock(),
+        max_concurrent=1,
+        max_per_second=1000,
+        transport=httpx.MockTransport(handler),
+        observer=lambda g, o, d: seen.append((g, o)),
+    )
+    with pytest.raises(RuntimeError):
+        await client.request(password_request(spec()), timeout=1)
+    assert seen == [("password", "error")]
+    await client.aclose()
+
+
+async def test_a_request_cancelled_on_the_wire_is_not_counted_as_a_success() -> None:
+    import asyncio
+
+    seen: list[tuple[str, str]] = []
+    sent = asyncio.Event()
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        sent.set()
+        await asyncio.Event().wait()  # no answer ever comes
+        raise AssertionError("unreachable")
+
+    client = IdentityClient(
+        clock=FakeClock(),
+        max_concurrent=1,
+        max_per_second=1000,
+        transport=httpx.MockTransport(handler),
+        observer=lambda g, o, d: seen.append((g, o)),
+    )
+    call = asyncio.ensure_future(client.request(password_request(spec()), timeout=1))
+    await sent.wait()
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    assert seen == []
+    await client.aclose()
+
+
 async def test_a_deeply_nested_answer_is_a_transient_outcome() -> None:
     seen: list[tuple[str, str]] = []
     body = b"[" * DEEP + b"]" * DEEP
