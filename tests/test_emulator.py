@@ -607,10 +607,31 @@ async def test_fault_times_and_until_cleared(emu: Harness) -> None:
     assert (await emu.ctl("GET", "faults"))[0]["times"] == 2
 
 
+async def test_trickle_fault_sends_the_real_answer_a_byte_at_a_time(emu: Harness) -> None:
+    await emu.ctl("POST", "faults", {"faults": [{"kind": "trickle", "interval": 0.05}]})
+    async with emu.client.stream(
+        "POST", TOKEN_PATH, params={"p": POLICY}, data=VALID, timeout=httpx.Timeout(5)
+    ) as r:
+        assert r.status_code == 200
+        assert int(r.headers["content-length"]) > 100
+        chunks = []
+        async for chunk in r.aiter_raw():
+            chunks.append(chunk)
+            if len(chunks) == 3:
+                break
+    assert chunks[0] == b"{"  # the real (JSON) answer...
+    assert [len(c) for c in chunks] == [1, 1, 1]  # ... one byte per read
+    [record] = await emu.ctl("GET", "requests")
+    assert (record["status"], record["fault"]) == (200, "trickle")
+    assert (await emu.password()).status_code == 200  # one fault, one request
+
+
 @pytest.mark.parametrize(
     "fault",
     [
         {"kind": "explode"},
+        {"kind": "trickle", "interval": 0},
+        {"kind": "trickle", "seconds": 1},
         {"kind": "reset", "times": 0},
         {"kind": "reset", "match": {"merchant": "x"}},
         {"kind": "error"},
