@@ -409,22 +409,31 @@ class IdentityClient:
                     self._observer(req.grant, outcome, time.perf_counter() - started)
 
     async def _send(self, req: TokenRequest, timeout: float) -> tuple[int, dict[str, str], bytes]:
+        """One exchange on the wire, from connecting to the last byte of the answer.
+
+        ``timeout`` is a deadline for all of it. httpx applies its own timeouts to each
+        network operation, so an answer that trickles a byte every few seconds would never
+        time out there and would hold the token set's refresh forever. The deadline runs on
+        the event loop's clock, like httpx's: it bounds real network time. Waiting for a
+        slot of the caps is not part of it.
+        """
         try:
-            async with self._http.stream(
-                "POST",
-                req.url,
-                data=dict(req.form),
-                timeout=httpx.Timeout(timeout),
-                headers={"Accept": "application/json"},
-            ) as resp:
-                body = bytearray()
-                async for chunk in resp.aiter_bytes():
-                    body += chunk
-                    if len(body) > MAX_ANSWER_BYTES:
-                        raise TransientError("answer too large", status=resp.status_code)
-                headers = {k.lower(): v for k, v in resp.headers.items()}
-                return resp.status_code, headers, bytes(body)
-        except httpx.TimeoutException:
+            async with asyncio.timeout(timeout):
+                async with self._http.stream(
+                    "POST",
+                    req.url,
+                    data=dict(req.form),
+                    timeout=httpx.Timeout(timeout),
+                    headers={"Accept": "application/json"},
+                ) as resp:
+                    body = bytearray()
+                    async for chunk in resp.aiter_bytes():
+                        body += chunk
+                        if len(body) > MAX_ANSWER_BYTES:
+                            raise TransientError("answer too large", status=resp.status_code)
+                    headers = {k.lower(): v for k, v in resp.headers.items()}
+                    return resp.status_code, headers, bytes(body)
+        except (httpx.TimeoutException, TimeoutError):
             raise TransientError(f"timed out after {timeout:g}s") from None
         except httpx.HTTPError as exc:
             # The exception text of httpx names the URL (no secrets: the form is in the

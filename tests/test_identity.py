@@ -373,6 +373,46 @@ async def test_a_deeply_nested_answer_is_a_transient_outcome() -> None:
     await client.aclose()
 
 
+async def test_the_timeout_is_a_deadline_for_the_whole_answer_not_per_read() -> None:
+    """A real loopback server that sends the head, then one byte of the body at a time,
+    each well within the timeout: every read succeeds, the answer never ends."""
+    import asyncio
+    import contextlib
+
+    async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 100000\r\n\r\n{"
+            )
+            while not writer.transport.is_closing():
+                writer.write(b" ")
+                await writer.drain()
+                await asyncio.sleep(0.02)
+        writer.close()
+
+    server = await asyncio.start_server(trickle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    seen: list[tuple[str, str]] = []
+    client = IdentityClient(
+        clock=SystemClock(),
+        max_concurrent=1,
+        max_per_second=1000,
+        observer=lambda g, o, d: seen.append((g, o)),
+    )
+    req = password_request(spec(token_url=f"http://127.0.0.1:{port}/ad/oauth2/v2.0/token"))
+    try:
+        # The outer bound only keeps a regression from hanging the suite.
+        with pytest.raises(TransientError, match="timed out"):
+            await asyncio.wait_for(client.request(req, timeout=0.3), 10)
+        assert seen == [("password", "transient")]
+    finally:
+        await client.aclose()
+        server.close()
+        await server.wait_closed()
+
+
 async def test_a_throttle_with_retry_after_pauses_every_request_of_the_client() -> None:
     import asyncio
 

@@ -77,11 +77,13 @@ def test_a_long_outage_of_every_kind_keeps_the_file_caps_the_backoff_and_recover
     wait_for(lambda: d.log().count("network error (ConnectError)") >= 4, what="refused retries")
     assert {k: d.token_file(*k).read_bytes() for k in keys} == published
     gate.open()
-    # 2. It answers, badly: resets, hangs past the timeout, 5xx pages; then a 5xx outage
-    #    of a fixed duration, on the emulator's own timer.
+    # 2. It answers, badly: resets, hangs past the timeout, answers that trickle in a byte
+    #    at a time (each read well within the timeout, the whole far beyond it), 5xx pages;
+    #    then a 5xx outage of a fixed duration, on the emulator's own timer.
     emu.add_faults(
         {"kind": "reset", "times": 3},
         {"kind": "hang", "seconds": 3, "times": 2},
+        {"kind": "trickle", "interval": 0.2, "times": 2},
         {"kind": "server_error", "status": 502, "times": 2},
         {"kind": "server_error", "status": 503, "times": None, "for_seconds": 4},
     )
@@ -101,9 +103,10 @@ def test_a_long_outage_of_every_kind_keeps_the_file_caps_the_backoff_and_recover
     assert [r["grant_type"] for r in record].count("password") == 2
     refreshes = [r for r in record if r["grant_type"] == "refresh_token"]
     failed = [r for r in refreshes if r["fault"] is not None]
-    assert {r["fault"] for r in failed} == {"reset", "hang", "server_error"}
+    assert {r["fault"] for r in failed} == {"reset", "hang", "trickle", "server_error"}
     # Back-off capped at retry_max: between two failed attempts of a token set there is
-    # at most retry_max (plus the timeout for a hang, and slack for a busy machine).
+    # at most retry_max (plus the timeout for a hang or a trickle, and slack for a busy
+    # machine).
     by_scope: dict[str, list[dict[str, Any]]] = {}
     for r in refreshes:
         by_scope.setdefault(r["scope"], []).append(r)
@@ -111,7 +114,7 @@ def test_a_long_outage_of_every_kind_keeps_the_file_caps_the_backoff_and_recover
         in_outage = [r for r in attempts if outage_from <= r["at"] <= outage_until]
         assert len(in_outage) >= 3, "kept trying during the outage"
         for a, b in itertools.pairwise(in_outage):
-            limit = retry_max + (1.0 if a["fault"] == "hang" else 0) + 1.0
+            limit = retry_max + (1.0 if a["fault"] in ("hang", "trickle") else 0) + 1.0
             assert b["at"] - a["at"] <= limit, (a, b)
         # Recovered within one back-off period after the outage ended.
         first_ok = next(r for r in attempts if r["at"] > outage_from and r["fault"] is None)
