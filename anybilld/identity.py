@@ -49,8 +49,8 @@ MAX_ANSWER_BYTES = 256 * 1024
 _DEAD_GRANT = {"90080", "90129", "90128", "90087", "90088", "90279", "90085"}
 _PERMANENT = {
     **dict.fromkeys(("90225", "90052", "90054", "90053"), BlockReason.CREDENTIALS),
-    # 90114 (temporarily locked) is blocked like the permanent locks: the lock grows with
-    # every attempt, and blocked_retry (>= minutes) is the growing wait it asks for.
+    # 90114 (temporarily locked) is blocked like the permanent locks, for the whole
+    # merchant, but tried again after a wait of its own (see TEMPORARY_LOCK).
     **dict.fromkeys(("90111", "90118", "90114"), BlockReason.LOCKED),
     **dict.fromkeys(("90012", "90117", "90055", "90146"), BlockReason.SCOPE),
     **dict.fromkeys(
@@ -59,6 +59,10 @@ _PERMANENT = {
     ),
     **dict.fromkeys(("90008", "90010", "90083", "90086", "90013"), BlockReason.CLIENT_BUG),
 }
+# The code of a temporary lock (smart lockout): the wait before the next password login
+# is at least a minute and grows with each lock in a row (policy.temporary_lock_delay),
+# instead of blocked_retry.
+TEMPORARY_LOCK = "AADB2C90114"
 _THROTTLED = {"90244", "90229"}
 _UNAVAILABLE = {"90035", "90048"}
 
