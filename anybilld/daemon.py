@@ -30,7 +30,7 @@ from watchdog.observers.api import BaseObserver
 from .clock import Clock, SystemClock
 from .config import Config, load_config
 from .errors import ConfigError, OutputError
-from .files import remove_stale_temp_files
+from .files import prepare_output_dir, remove_stale_temp_files
 from .identity import IdentityClient
 from .keeper import Runtime, TokenState
 from .listener import Listener
@@ -209,7 +209,7 @@ class Daemon:
     def _prepare_directories(self, config: Config) -> StateStore:
         # Created at start only: at run time a vanished output_dir may be an unmounted
         # filesystem, and writing into the bare mount point would hide the tokens.
-        config.output_dir.mkdir(parents=True, exist_ok=True)
+        prepare_output_dir(config.output_dir)
         store = StateStore(config.state_dir)
         store.prepare()
         for directory in (config.output_dir, config.state_dir):

@@ -54,13 +54,17 @@ seconds still left as ``for_seconds``. The kinds:
     server_error  status: any 5xx (503), with an HTML page
     html200       200 with an HTML page
     raw           exactly status (200), body (""), content_type (JSON) and repeat (1: the
-                  body repeated, for huge answers without a huge control request)
+                  body repeated, for huge answers without a huge control request);
+                  body_base64 instead of body gives bytes that are no UTF-8
     reset         the connection is dropped without an answer
     hang          wait seconds (3600), then answer normally; emulator shutdown drops it
+    trickle       answer normally, but send the body one byte every interval seconds (1)
+                  after the head, so that no single read waits long; shutdown drops it
 
 With ``"processed": true`` the request is first handled normally (a single-use refresh token
 is spent, a wrong password counted) and the fault replaces the answer: a lost answer.
-Without it a faulted request changes no state. Faults and the rate limit apply to the token
+Without it a faulted request changes no state (``hang`` and ``trickle`` are always
+processed: they delay the real answer). Faults and the rate limit apply to the token
 endpoint only, never to the control API.
 
 Lockout: each user counts distinct wrong passwords; at ``lockout_threshold`` the user is
@@ -374,15 +378,18 @@ class _Grant:
     used: bool = False
 
 
-_FAULT_KINDS = frozenset({"throttle", "error", "server_error", "html200", "raw", "reset", "hang"})
+_FAULT_KINDS = frozenset(
+    {"throttle", "error", "server_error", "html200", "raw", "reset", "hang", "trickle"}
+)
 _FAULT_FIELDS: dict[str, frozenset[str]] = {
     "throttle": frozenset({"retry_after", "retry_after_date", "body"}),
     "error": frozenset({"code", "status", "error", "message"}),
     "server_error": frozenset({"status"}),
     "html200": frozenset(),
-    "raw": frozenset({"status", "body", "content_type", "repeat"}),
+    "raw": frozenset({"status", "body", "body_base64", "content_type", "repeat"}),
     "reset": frozenset(),
     "hang": frozenset({"seconds"}),
+    "trickle": frozenset({"interval"}),
 }
 _FAULT_COMMON = frozenset({"kind", "times", "match", "processed", "for_seconds"})
 
@@ -461,6 +468,10 @@ def _parse_fault(raw: object) -> _Fault:
         _check_status(raw.get("status", 200))
         if not isinstance(raw.get("body", ""), str):
             raise ValueError("body must be a string")
+        if "body_base64" in raw:
+            if "body" in raw:
+                raise ValueError("give body or body_base64, not both")
+            _raw_body(raw)  # refused here, not at the answer
         if not isinstance(raw.get("content_type", JSON_TYPE), str):
             raise ValueError("content_type must be a string")
         repeat = raw.get("repeat", 1)
@@ -470,6 +481,10 @@ def _parse_fault(raw: object) -> _Fault:
         seconds = raw.get("seconds", 3600)
         if isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds < 0:
             raise ValueError("seconds must be a non-negative number")
+    elif kind == "trickle":
+        interval = raw.get("interval", 1.0)
+        if isinstance(interval, bool) or not isinstance(interval, int | float) or interval <= 0:
+            raise ValueError("interval must be a positive number")
     username = match.get("username")
     return _Fault(
         kind=kind,
@@ -480,6 +495,19 @@ def _parse_fault(raw: object) -> _Fault:
         spec=spec,
         for_seconds=None if for_seconds is None else float(for_seconds),
     )
+
+
+def _raw_body(spec: dict[str, Any]) -> bytes:
+    """The bytes a raw fault answers with, once (before ``repeat``)."""
+    if "body_base64" not in spec:
+        return str(spec.get("body", "")).encode()
+    encoded = spec["body_base64"]
+    if not isinstance(encoded, str):
+        raise ValueError("body_base64 must be a string")
+    try:
+        return base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("body_base64 is not base64") from None
 
 
 def _check_status(status: object) -> int:
@@ -501,7 +529,8 @@ class Emulator:
     """The token endpoint and control API as one ``httpserver`` handler, state in memory.
 
     ``wall`` and ``monotonic`` are injectable; the emulator clock is ``wall() + offset``.
-    Caveat: a ``hang`` fault holds its connection until it ends or ``close()`` drops it.
+    Caveat: a ``hang`` fault holds its connection until it ends or ``close()`` drops it; a
+    ``trickle`` fault until its answer is sent or the server closes.
     """
 
     def __init__(
@@ -628,7 +657,7 @@ class Emulator:
             if fault.kind == "hang":
                 await self._hang(float(fault.spec.get("seconds", 3600)))
                 now = self.now()
-            elif not fault.processed:
+            elif fault.kind != "trickle" and not fault.processed:
                 return self._fault_response(fault, record, now)
 
         try:
@@ -638,7 +667,9 @@ class Emulator:
             record["status"] = 400
             record["code"] = e.code
             response = self._error_response(e.code, e.message, now)
-        if fault is not None and fault.processed and fault.kind != "hang":
+        if fault is not None and fault.kind == "trickle":
+            response.trickle = float(fault.spec.get("interval", 1.0))
+        elif fault is not None and fault.processed and fault.kind != "hang":
             record["status"] = record["code"] = None
             return self._fault_response(fault, record, now)
         return response
@@ -721,7 +752,7 @@ class Emulator:
         # raw
         status = int(spec.get("status", 200))
         record["status"] = status
-        body = str(spec.get("body", "")).encode() * int(spec.get("repeat", 1))
+        body = _raw_body(spec) * int(spec.get("repeat", 1))
         ctype = str(spec.get("content_type", JSON_TYPE))
         return Response(status=status, body=body, content_type=ctype, headers=headers)
 

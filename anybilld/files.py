@@ -317,6 +317,43 @@ def remove_output(path: Path, *, root: Path) -> None:
             raise _error(path, "removed, but cannot fsync its directory", exc) from exc
 
 
+# The mode of output_dir (and of its missing parents) when the daemon creates it. Each
+# output may have another group and mode, and the consumers of every one of them must be
+# able to reach their files: the files' own modes, and the directories created below with
+# modes derived from them, decide who may read a token, as they do under a directory that
+# an operator made.
+OUTPUT_DIR_MODE = 0o755
+
+
+def prepare_output_dir(root: Path) -> None:
+    """Create ``root`` (output_dir) and any missing parent with mode 0755, whatever the
+    umask; an existing directory keeps its mode, owner and group. Raises OutputError.
+
+    Call it at start-up only: at run time a vanished output_dir may be an unmounted
+    filesystem, and tokens written into the bare mount point would be hidden by the mount.
+    """
+    missing: list[Path] = []
+    d = root
+    while not os.path.lexists(d) and d.parent != d:
+        missing.append(d)
+        d = d.parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, OUTPUT_DIR_MODE)
+        except FileExistsError:
+            continue  # made meanwhile by someone else: theirs, mode and all
+        except OSError as exc:
+            raise _error(root, f"cannot create directory {d}", exc) from exc
+        try:
+            # mkdir applied the umask (0777 under umask 000, 0700 under 077): set it exactly.
+            os.chmod(d, OUTPUT_DIR_MODE)
+            _fsync_dir(d.parent)  # the new entry must survive a crash, like the files below
+        except OSError as exc:
+            raise _error(root, f"cannot set up directory {d}", exc) from exc
+    if not os.path.isdir(root):
+        raise OutputError(f"{root}: output directory is not a directory")
+
+
 def remove_stale_temp_files(directory: Path) -> int:
     """Remove ``*.anybilld-tmp`` files below ``directory``, left by a crash; return how many.
 

@@ -42,6 +42,9 @@ class Response:
     body: bytes = b""
     content_type: str = "text/plain; charset=utf-8"
     headers: list[tuple[str, str]] = field(default_factory=list)
+    # Seconds between the bytes of the body, after the head (the emulator's slow-answer
+    # fault); 0 sends the whole answer at once.
+    trickle: float = 0.0
 
     @classmethod
     def text(cls, status: int, text: str) -> Response:
@@ -168,6 +171,16 @@ async def _write(
     if not keep_alive:
         out.append("Connection: close")
     head = ("\r\n".join(out) + "\r\n\r\n").encode("latin-1")
+    if r.trickle > 0 and not head_only:
+        writer.write(head)
+        await writer.drain()
+        for i in range(len(r.body)):
+            await asyncio.sleep(r.trickle)
+            if writer.transport.is_closing():  # the client left, or the server closes
+                raise ConnectionResetError("closed while the answer trickled")
+            writer.write(r.body[i : i + 1])
+            await writer.drain()
+        return
     # One write: two would cost a second send() system call per answer.
     writer.write(head if head_only else head + r.body)
     await writer.drain()

@@ -49,8 +49,8 @@ MAX_ANSWER_BYTES = 256 * 1024
 _DEAD_GRANT = {"90080", "90129", "90128", "90087", "90088", "90279", "90085"}
 _PERMANENT = {
     **dict.fromkeys(("90225", "90052", "90054", "90053"), BlockReason.CREDENTIALS),
-    # 90114 (temporarily locked) is blocked like the permanent locks: the lock grows with
-    # every attempt, and blocked_retry (>= minutes) is the growing wait it asks for.
+    # 90114 (temporarily locked) is blocked like the permanent locks, for the whole
+    # merchant, but tried again after a wait of its own (see TEMPORARY_LOCK).
     **dict.fromkeys(("90111", "90118", "90114"), BlockReason.LOCKED),
     **dict.fromkeys(("90012", "90117", "90055", "90146"), BlockReason.SCOPE),
     **dict.fromkeys(
@@ -59,6 +59,10 @@ _PERMANENT = {
     ),
     **dict.fromkeys(("90008", "90010", "90083", "90086", "90013"), BlockReason.CLIENT_BUG),
 }
+# The code of a temporary lock (smart lockout): the wait before the next password login
+# is at least a minute and grows with each lock in a row (policy.temporary_lock_delay),
+# instead of blocked_retry.
+TEMPORARY_LOCK = "AADB2C90114"
 _THROTTLED = {"90244", "90229"}
 _UNAVAILABLE = {"90035", "90048"}
 
@@ -146,7 +150,8 @@ def parse_retry_after(
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    # ASCII only: str.isdigit() also holds for "²", which float() refuses.
+    if value.isascii() and value.isdigit():
         return min(float(value), RETRY_AFTER_CAP)
     when = _http_date(value)
     if when is None:
@@ -159,6 +164,7 @@ def parse_retry_after(
 # Far above anything B2C issues (access tokens live at most a day, refresh tokens at most
 # 90 days), and far below what would overflow a date: a larger lifetime is garbage.
 MAX_LIFETIME = 10 * 365 * 86400
+_MAX_DIGITS = len(str(MAX_LIFETIME)) + 10  # room for leading zeros, far below int()'s limit
 
 
 def _number(answer: Mapping[str, object], key: str, *, required: bool) -> float | None:
@@ -173,6 +179,8 @@ def _number(answer: Mapping[str, object], key: str, *, required: bool) -> float 
     if isinstance(value, int):
         number = value
     elif isinstance(value, str) and value.isascii() and value.isdigit():
+        if len(value) > _MAX_DIGITS:  # int() refuses a few thousand digits with ValueError
+            raise TransientError(f"malformed answer: {key} is implausibly large")
         number = int(value)
     else:
         raise TransientError(f"malformed answer: {key} is not an integer")
@@ -194,20 +202,45 @@ def _token(answer: Mapping[str, object], key: str) -> Secret | None:
     return Secret(value)
 
 
+def _json(body: bytes) -> object:
+    """The decoded body, or None when it is no JSON at all.
+
+    ValueError covers invalid JSON, bytes that are no UTF-8/16/32 (UnicodeDecodeError) and
+    integers of more digits than ``int()`` takes; RecursionError a nesting deeper than the
+    interpreter's stack (``[[[...]]]`` 100,000 deep fits well within MAX_ANSWER_BYTES).
+    """
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+
+
 def parse_answer(
     grant: GrantType, status: int, headers: Mapping[str, str], body: bytes, *, now: float
 ) -> Grant:
     """Turn one HTTP answer into a Grant, or raise the IdentityError class it belongs to.
 
     ``now`` (wall clock) is only used to read a ``Retry-After`` HTTP date. ``headers`` must
-    have lower-case names.
+    have lower-case names. Whatever the answer holds, the only exceptions are IdentityError
+    classes: an answer that cannot be read at all is a malformed answer, a TransientError.
     """
-    answer: object = None
     try:
-        answer = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        answer = None
+        return _classify(grant, status, headers, body, now=now)
+    except IdentityError:
+        raise
+    except Exception as exc:
+        # A malformed answer that the checks below did not foresee. It is the IdP's answer
+        # that is bad, not the token set: retried as an outage, like any other garbage,
+        # instead of escaping as a crash of the keeper.
+        raise TransientError(
+            f"malformed answer: unreadable ({type(exc).__name__})", status=status
+        ) from None
 
+
+def _classify(
+    grant: GrantType, status: int, headers: Mapping[str, str], body: bytes, *, now: float
+) -> Grant:
+    answer = _json(body)
     if status == 200:
         if not isinstance(answer, dict):
             raise TransientError("malformed answer: 200 without a JSON object", status=status)
@@ -289,9 +322,11 @@ class RateLimiter:
             await self._clock.sleep(slot - now)
 
 
-# Called once per finished request with (grant, outcome, seconds); outcome is "success" or
-# the kind of the IdentityError raised ("transient", "dead_grant", "permanent").
+# Called once per finished request with (grant, outcome, seconds); outcome is "success",
+# the kind of the IdentityError raised ("transient", "dead_grant", "permanent"), or
+# UNEXPECTED for any other exception. A cancelled request is not reported.
 ExchangeObserver = Callable[[GrantType, str, float], None]
+UNEXPECTED = "error"
 
 
 class IdentityClient:
@@ -355,10 +390,14 @@ class IdentityClient:
                 if self._paused_until <= self._clock.monotonic():
                     break
             started = time.perf_counter()
-            outcome = "success"
+            # None until the request has an outcome: a request cancelled (at shutdown) has
+            # none and is not counted; only a returned grant counts as a success.
+            outcome: str | None = None
             try:
                 status, headers, body = await self._send(req, timeout)
-                return parse_answer(req.grant, status, headers, body, now=self._clock.time())
+                grant = parse_answer(req.grant, status, headers, body, now=self._clock.time())
+                outcome = "success"
+                return grant
             except IdentityError as exc:
                 outcome = exc.kind
                 if isinstance(exc, TransientError) and exc.throttled and exc.retry_after:
@@ -366,27 +405,39 @@ class IdentityClient:
                         self._paused_until, self._clock.monotonic() + exc.retry_after
                     )
                 raise
+            except Exception:
+                outcome = UNEXPECTED  # a bug, not an answer: the keeper restarts the token set
+                raise
             finally:
-                if self._observer is not None:
+                if self._observer is not None and outcome is not None:
                     self._observer(req.grant, outcome, time.perf_counter() - started)
 
     async def _send(self, req: TokenRequest, timeout: float) -> tuple[int, dict[str, str], bytes]:
+        """One exchange on the wire, from connecting to the last byte of the answer.
+
+        ``timeout`` is a deadline for all of it. httpx applies its own timeouts to each
+        network operation, so an answer that trickles a byte every few seconds would never
+        time out there and would hold the token set's refresh forever. The deadline runs on
+        the event loop's clock, like httpx's: it bounds real network time. Waiting for a
+        slot of the caps is not part of it.
+        """
         try:
-            async with self._http.stream(
-                "POST",
-                req.url,
-                data=dict(req.form),
-                timeout=httpx.Timeout(timeout),
-                headers={"Accept": "application/json"},
-            ) as resp:
-                body = bytearray()
-                async for chunk in resp.aiter_bytes():
-                    body += chunk
-                    if len(body) > MAX_ANSWER_BYTES:
-                        raise TransientError("answer too large", status=resp.status_code)
-                headers = {k.lower(): v for k, v in resp.headers.items()}
-                return resp.status_code, headers, bytes(body)
-        except httpx.TimeoutException:
+            async with asyncio.timeout(timeout):
+                async with self._http.stream(
+                    "POST",
+                    req.url,
+                    data=dict(req.form),
+                    timeout=httpx.Timeout(timeout),
+                    headers={"Accept": "application/json"},
+                ) as resp:
+                    body = bytearray()
+                    async for chunk in resp.aiter_bytes():
+                        body += chunk
+                        if len(body) > MAX_ANSWER_BYTES:
+                            raise TransientError("answer too large", status=resp.status_code)
+                    headers = {k.lower(): v for k, v in resp.headers.items()}
+                    return resp.status_code, headers, bytes(body)
+        except (httpx.TimeoutException, TimeoutError):
             raise TransientError(f"timed out after {timeout:g}s") from None
         except httpx.HTTPError as exc:
             # The exception text of httpx names the URL (no secrets: the form is in the

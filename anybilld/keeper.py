@@ -7,7 +7,8 @@ what a failure means, and it decides in one place (``_renew``):
   ``Retry-After`` winning when longer; the refresh token is kept, no password is sent;
 - dead grant: exactly one password login, at once, inside the same attempt;
 - permanent: the token set is blocked until ``blocked_retry`` has passed or its identity
-  (username, secret, client, URL, policy, scope) changes.
+  (username, secret, client, URL, policy, scope) changes; a temporary lock of the account
+  (AADB2C90114) waits a minute instead, then longer with each lock in a row.
 
 A new password (a rotation, by reload or while stopped) means a password login with it at
 once, but the refresh grant of the previous password is kept until that login succeeds: if
@@ -54,6 +55,7 @@ from .errors import (
 from .files import OutputResult, PublishedToken, rfc3339, write_outputs
 from .flag import Flag, sleep_until_flag
 from .identity import (
+    TEMPORARY_LOCK,
     ClientClosed,
     Grant,
     GrantType,
@@ -65,6 +67,7 @@ from .policy import (
     DEFAULT_REFRESH_TOKEN_LIFETIME,
     Uniform,
     refresh_delay,
+    temporary_lock_delay,
     wait_full_jitter,
     wait_retry_after,
 )
@@ -138,6 +141,10 @@ class Account:
 
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     block: _Block | None = None
+    # Temporary locks (AADB2C90114) in a row, until a password login succeeds: each one
+    # makes the wait before the next login longer. In memory only: after a restart the
+    # stored block is honoured, and the next lock waits a minute again.
+    temporary_locks: int = 0
     # Token sets still reading their state: one of them may hold a block of the account
     # from before a restart, so no password login may start until they are done.
     restoring: int = 0
@@ -634,7 +641,7 @@ class Keeper:
             if exc.reason.whole_merchant and account_block is not None:
                 until = account_block.until
             else:
-                until = now + spec.refresh.blocked_retry
+                until = now + self._refusal_wait(exc, spec)
             self._owed_block = _Block(error=exc, until=until, earned_by=spec)
             self._fail(
                 exc,
@@ -655,13 +662,15 @@ class Keeper:
                     block.error, "the service account was refused for another token set"
                 )
             try:
-                return await self._request(password_request(spec), spec)
+                granted = await self._request(password_request(spec), spec)
             except PermanentError as exc:
                 if exc.reason.whole_merchant:
                     self.account.block = _Block(
-                        error=exc, until=now + spec.refresh.blocked_retry, earned_by=spec
+                        error=exc, until=now + self._refusal_wait(exc, spec), earned_by=spec
                     )
                 raise
+            self.account.temporary_locks = 0
+            return granted
 
     async def _accept(self, grant: Grant, spec: TokenSetSpec, via: GrantType) -> None:
         if spec.login_fingerprint() != self.spec.login_fingerprint() and not (
@@ -732,7 +741,7 @@ class Keeper:
         if exc.reason.whole_merchant and account_block is not None:
             until = account_block.until
         else:
-            until = self.rt.clock.monotonic() + self.spec.refresh.blocked_retry
+            until = self.rt.clock.monotonic() + self._refusal_wait(exc, self.spec)
         self.block = _Block(error=exc, until=until, earned_by=self._attempt_spec)
         self._due = until
         wait = until - self.rt.clock.monotonic()
@@ -743,6 +752,18 @@ class Keeper:
             "or until the config or secret changes",
         )
         await self._persist()
+
+    def _refusal_wait(self, exc: PermanentError, spec: TokenSetSpec) -> float:
+        """How long a refusal blocks password logins: ``blocked_retry``, but for a temporary
+        lock of the account the wait of ``temporary_lock_delay``, at least a minute and
+        growing with each lock in a row. Call it once per refusing answer: it counts them.
+        """
+        if exc.code != TEMPORARY_LOCK:
+            return spec.refresh.blocked_retry
+        self.account.temporary_locks += 1
+        return temporary_lock_delay(
+            self.account.temporary_locks, blocked_retry=spec.refresh.blocked_retry
+        )
 
     def _fail(self, exc: IdentityError, state: TokenState | None, what: str = "") -> None:
         """The one failure path: count, keep for /status, log with code and correlation id."""

@@ -25,10 +25,12 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from . import __version__
+from .identity import UNEXPECTED
 from .keeper import Keeper, TokenState
 
 GRANTS = ("password", "refresh")
-OUTCOMES = ("success", "transient", "dead_grant", "permanent")
+# "error": the request ended in an unexpected exception (a bug), not in an answer.
+OUTCOMES = ("success", "transient", "dead_grant", "permanent", UNEXPECTED)
 
 
 class _Family(NamedTuple):

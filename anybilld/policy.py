@@ -31,6 +31,25 @@ def refresh_delay(lifetime: float, *, at: float, jitter: float, uniform: Uniform
     return lifetime * uniform(at - jitter, at + jitter)
 
 
+# B2C's smart lockout locks an account for a minute at first, then for longer and longer.
+TEMPORARY_LOCK_FIRST_WAIT = 60.0
+TEMPORARY_LOCK_MAX_WAIT = 3600.0
+
+
+def temporary_lock_delay(locks: int, *, blocked_retry: float) -> float:
+    """Seconds before the next password login after the ``locks``-th temporary lock
+    (AADB2C90114) of an account in a row: one minute, doubling with each, up to
+    ``blocked_retry`` or an hour, whichever is longer.
+
+    Never less than a minute, whatever ``blocked_retry`` says: no attempt can succeed
+    sooner, and B2C makes the lock longer. Caveat: no jitter; a lock is one account's, so
+    there is no fleet to spread.
+    """
+    exponent = min(max(locks, 1) - 1, 64)  # min() before the power, as in window()
+    cap = max(blocked_retry, TEMPORARY_LOCK_MAX_WAIT)
+    return min(cap, TEMPORARY_LOCK_FIRST_WAIT * 2.0**exponent)
+
+
 class wait_full_jitter(wait_base):  # named like tenacity's own wait strategies
     """Exponential backoff with full jitter: uniform(0, min(maximum, initial * 2**(n-1))).
 

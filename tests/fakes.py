@@ -166,6 +166,12 @@ def wrong_password() -> PermanentError:
     )
 
 
+def temporarily_locked() -> PermanentError:
+    return PermanentError(
+        "rejected (locked)", reason=BlockReason.LOCKED, code="AADB2C90114", status=400
+    )
+
+
 def scope_refused() -> PermanentError:
     return PermanentError(
         "rejected (scope)", reason=BlockReason.SCOPE, code="AADB2C90117", status=400

@@ -7,6 +7,7 @@ Most tests run the emulator in-process (``start_emulator``) and talk to it with 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import re
 import time
@@ -506,6 +507,7 @@ async def test_raw_fault_serves_exactly_the_body(emu: Harness) -> None:
         {"kind": "raw", "body": '{"access_token": 5, "expires_in": [1]}', "status": 200},
         {"kind": "raw", "status": 400, "body": "oops", "content_type": "text/plain"},
         {"kind": "raw", "body": "x" * 1000, "repeat": 3000},
+        {"kind": "raw", "body_base64": base64.b64encode(b"\xff\xfe{\x00").decode(), "repeat": 2},
     ]
     await emu.ctl("POST", "faults", {"faults": faults})
     r = await emu.password()
@@ -515,6 +517,7 @@ async def test_raw_fault_serves_exactly_the_body(emu: Harness) -> None:
     r = await emu.password()
     assert (r.status_code, r.text, r.headers["content-type"]) == (400, "oops", "text/plain")
     assert len((await emu.password()).content) == 3_000_000
+    assert (await emu.password()).content == b"\xff\xfe{\x00" * 2
 
 
 async def test_reset_fault_drops_the_connection(emu: Harness) -> None:
@@ -604,10 +607,31 @@ async def test_fault_times_and_until_cleared(emu: Harness) -> None:
     assert (await emu.ctl("GET", "faults"))[0]["times"] == 2
 
 
+async def test_trickle_fault_sends_the_real_answer_a_byte_at_a_time(emu: Harness) -> None:
+    await emu.ctl("POST", "faults", {"faults": [{"kind": "trickle", "interval": 0.05}]})
+    async with emu.client.stream(
+        "POST", TOKEN_PATH, params={"p": POLICY}, data=VALID, timeout=httpx.Timeout(5)
+    ) as r:
+        assert r.status_code == 200
+        assert int(r.headers["content-length"]) > 100
+        chunks = []
+        async for chunk in r.aiter_raw():
+            chunks.append(chunk)
+            if len(chunks) == 3:
+                break
+    assert chunks[0] == b"{"  # the real (JSON) answer...
+    assert [len(c) for c in chunks] == [1, 1, 1]  # ... one byte per read
+    [record] = await emu.ctl("GET", "requests")
+    assert (record["status"], record["fault"]) == (200, "trickle")
+    assert (await emu.password()).status_code == 200  # one fault, one request
+
+
 @pytest.mark.parametrize(
     "fault",
     [
         {"kind": "explode"},
+        {"kind": "trickle", "interval": 0},
+        {"kind": "trickle", "seconds": 1},
         {"kind": "reset", "times": 0},
         {"kind": "reset", "match": {"merchant": "x"}},
         {"kind": "error"},
@@ -616,6 +640,9 @@ async def test_fault_times_and_until_cleared(emu: Harness) -> None:
         {"kind": "throttle", "body": "xml"},
         {"kind": "hang", "seconds": -1},
         {"kind": "raw", "bogus": 1},
+        {"kind": "raw", "body_base64": "not base64!"},
+        {"kind": "raw", "body_base64": 5},
+        {"kind": "raw", "body": "", "body_base64": ""},
     ],
 )
 async def test_invalid_faults_are_refused_whole(emu: Harness, fault: dict[str, Any]) -> None:

@@ -272,6 +272,42 @@ def test_root_that_is_a_file_is_an_error(tmp_path: Path) -> None:
         atomic_write(root / "t", b"x", mode=0o640, group=None, root=root)
 
 
+@pytest.mark.parametrize("mask", [0o000, 0o077, 0o022])
+def test_output_dir_and_its_missing_parents_are_created_0755_whatever_the_umask(
+    tmp_path: Path, umask: Callable[[int], int], mask: int
+) -> None:
+    umask(mask)
+    top = tmp_path / "var"
+    files.prepare_output_dir(top / "lib" / "tokens")
+    for d in (top, top / "lib", top / "lib" / "tokens"):
+        assert mode_of(d) == 0o755, d
+    files.prepare_output_dir(top / "lib" / "tokens")  # again: nothing to do
+    assert mode_of(top / "lib" / "tokens") == 0o755
+
+
+@pytest.mark.parametrize("existing", [0o700, 0o777, 0o750])
+def test_an_existing_output_dir_keeps_its_mode(
+    tmp_path: Path, umask: Callable[[int], int], existing: int
+) -> None:
+    umask(0)
+    root = tmp_path / "tokens"
+    root.mkdir()
+    os.chmod(root, existing)
+    files.prepare_output_dir(root / "sub")
+    assert mode_of(root) == existing
+    assert mode_of(root / "sub") == 0o755
+    files.prepare_output_dir(root)
+    assert mode_of(root) == existing
+
+
+def test_an_output_dir_that_is_a_file_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(OutputError, match="not a directory"):
+        files.prepare_output_dir(tmp_path / "file")
+    with pytest.raises(OutputError, match="cannot create"):
+        files.prepare_output_dir(tmp_path / "file" / "tokens")
+
+
 @pytest.mark.parametrize("rel", ["../escape", "m/../../escape", "."])
 def test_path_must_lie_below_root(root: Path, rel: str) -> None:
     with pytest.raises(OutputError, match="not below"):

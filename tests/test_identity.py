@@ -7,6 +7,7 @@ import json
 import httpx
 import pytest
 
+from anybilld import identity
 from anybilld.clock import FakeClock, SystemClock
 from anybilld.config import RefreshSettings, Scope, TokenSetSpec
 from anybilld.errors import (
@@ -97,6 +98,53 @@ def test_success_accepts_numbers_as_ints_or_digit_strings(
 def test_unusable_200_is_transient(body: bytes) -> None:
     with pytest.raises(TransientError):
         parse_answer("refresh", 200, {}, body, now=NOW)
+
+
+DEEP = 100_000  # far deeper than the interpreter's recursion limit, far below the size cap
+
+
+@pytest.mark.parametrize("status", [200, 400, 429, 503])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"[" * DEEP + b"]" * DEEP,
+        b"[" * DEEP,  # unterminated
+        b'{"a":' * DEEP + b"1" + b"}" * DEEP,
+        b'{"access_token": "eyJ", "expires_in": 60, "x": ' + b"[" * DEEP + b"]" * DEEP + b"}",
+        b'{"error_description": ' + b"[" * DEEP + b"]" * DEEP + b"}",
+        # Bytes that are no UTF-8 (nor the UTF-16/32 that json.loads also detects).
+        b'{"access_token": "eyJ\xff\xfe", "expires_in": 60}',
+        b"\xff\xfe garbage \x00",
+        b"\x00\x00\x00{\xff",
+        b"\xc3\x28\xa0\xa1",
+        b'{"error_description": "AADB2C90225: \xff"}',
+        # A digit string longer than int() converts (4,300 digits).
+        ok(expires_in="9" * 5000),
+        ok(expires_in=60, refresh_token="eyJr", refresh_token_expires_in="1" * 5000),
+        b'{"access_token": "eyJ", "expires_in": ' + b"9" * 5000 + b"}",
+    ],
+)
+def test_an_unreadable_answer_is_transient_whatever_it_holds(status: int, body: bytes) -> None:
+    with pytest.raises(TransientError):
+        parse_answer("refresh", status, {}, body, now=NOW)
+
+
+def test_an_answer_the_reader_did_not_foresee_is_transient(monkeypatch: pytest.MonkeyPatch) -> None:
+    def unforeseen(body: bytes) -> object:
+        raise MemoryError
+
+    monkeypatch.setattr(identity, "_json", unforeseen)
+    with pytest.raises(TransientError, match="malformed answer"):
+        parse_answer("refresh", 200, {}, ok(expires_in=60), now=NOW)
+
+
+@pytest.mark.parametrize("value", ["\u00b2", "\u0661\u0662", "9" * 5000 + "\u00b9"])
+def test_a_retry_after_of_unusual_digits_is_ignored(value: str) -> None:
+    # str.isdigit() holds for "²" and Arabic-Indic digits; float() refuses some of them.
+    assert parse_retry_after(value, now=NOW) is None
+    with pytest.raises(TransientError) as info:
+        parse_answer("refresh", 429, {"retry-after": value}, b"", now=NOW)
+    assert info.value.retry_after is None
 
 
 @pytest.mark.parametrize(
@@ -261,6 +309,108 @@ async def test_client_counts_outcomes_through_the_observer() -> None:
         await client.request(refresh_request(spec(), grant.refresh_token or Secret("x")), timeout=1)
     assert seen == [("password", "success"), ("refresh", "dead_grant")]
     await client.aclose()
+
+
+async def test_an_unexpected_error_is_not_counted_as_a_success() -> None:
+    seen: list[tuple[str, str]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise RuntimeError("a bug below the client")
+
+    client = IdentityClient(
+        clock=FakeClock(),
+        max_concurrent=1,
+        max_per_second=1000,
+        transport=httpx.MockTransport(handler),
+        observer=lambda g, o, d: seen.append((g, o)),
+    )
+    with pytest.raises(RuntimeError):
+        await client.request(password_request(spec()), timeout=1)
+    assert seen == [("password", "error")]
+    await client.aclose()
+
+
+async def test_a_request_cancelled_on_the_wire_is_not_counted_as_a_success() -> None:
+    import asyncio
+
+    seen: list[tuple[str, str]] = []
+    sent = asyncio.Event()
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        sent.set()
+        await asyncio.Event().wait()  # no answer ever comes
+        raise AssertionError("unreachable")
+
+    client = IdentityClient(
+        clock=FakeClock(),
+        max_concurrent=1,
+        max_per_second=1000,
+        transport=httpx.MockTransport(handler),
+        observer=lambda g, o, d: seen.append((g, o)),
+    )
+    call = asyncio.ensure_future(client.request(password_request(spec()), timeout=1))
+    await sent.wait()
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    assert seen == []
+    await client.aclose()
+
+
+async def test_a_deeply_nested_answer_is_a_transient_outcome() -> None:
+    seen: list[tuple[str, str]] = []
+    body = b"[" * DEEP + b"]" * DEEP
+    client = IdentityClient(
+        clock=FakeClock(),
+        max_concurrent=1,
+        max_per_second=1000,
+        transport=httpx.MockTransport(lambda r: httpx.Response(200, content=body)),
+        observer=lambda g, o, d: seen.append((g, o)),
+    )
+    with pytest.raises(TransientError, match="malformed answer"):
+        await client.request(password_request(spec()), timeout=1)
+    assert seen == [("password", "transient")]
+    await client.aclose()
+
+
+async def test_the_timeout_is_a_deadline_for_the_whole_answer_not_per_read() -> None:
+    """A real loopback server that sends the head, then one byte of the body at a time,
+    each well within the timeout: every read succeeds, the answer never ends."""
+    import asyncio
+    import contextlib
+
+    async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 100000\r\n\r\n{"
+            )
+            while not writer.transport.is_closing():
+                writer.write(b" ")
+                await writer.drain()
+                await asyncio.sleep(0.02)
+        writer.close()
+
+    server = await asyncio.start_server(trickle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    seen: list[tuple[str, str]] = []
+    client = IdentityClient(
+        clock=SystemClock(),
+        max_concurrent=1,
+        max_per_second=1000,
+        observer=lambda g, o, d: seen.append((g, o)),
+    )
+    req = password_request(spec(token_url=f"http://127.0.0.1:{port}/ad/oauth2/v2.0/token"))
+    try:
+        # The outer bound only keeps a regression from hanging the suite.
+        with pytest.raises(TransientError, match="timed out"):
+            await asyncio.wait_for(client.request(req, timeout=0.3), 10)
+        assert seen == [("password", "transient")]
+    finally:
+        await client.aclose()
+        server.close()
+        await server.wait_closed()
 
 
 async def test_a_throttle_with_retry_after_pauses_every_request_of_the_client() -> None:

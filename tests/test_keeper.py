@@ -32,6 +32,7 @@ from fakes import (
     grant,
     scope_refused,
     settle,
+    temporarily_locked,
     transient,
     wrong_password,
 )
@@ -544,6 +545,32 @@ async def test_a_wrong_password_blocks_until_blocked_retry_then_exactly_one_atte
     assert keeper.state == TokenState.OK
     assert keeper.block_reason is None
     assert env.token_doc()["access_token"] == "AT-1"
+
+
+async def test_a_temporary_lock_waits_a_minute_then_longer_each_time_until_a_login_works(
+    env: Env,
+) -> None:
+    # blocked_retry far below a minute: a temporarily locked account waits its own wait.
+    refresh = replace(REFRESH, blocked_retry=1.0)
+    account = Account()
+    env.client.push(temporarily_locked(), temporarily_locked(), temporarily_locked(), grant("1"))
+    keeper = env.start(env.spec(refresh=refresh), account)
+    await settle()
+    assert keeper.state == TokenState.BLOCKED
+    assert keeper.block_reason == BlockReason.LOCKED
+    assert keeper.next_attempt_at == WALL0 + 60.0
+
+    await env.advance(60.0 + 120.0 + 240.0)
+    assert env.client.grants == ["password"] * 4
+    assert [b.at - a.at for a, b in pairwise(env.client.sent)] == [60.0, 120.0, 240.0]
+    assert keeper.state == TokenState.OK
+
+    # A login that worked starts the count again: the next lock waits a minute.
+    env.client.push(dead_grant(), temporarily_locked())
+    await env.advance(1800.0)
+    assert env.client.grants[4:] == ["refresh", "password"]
+    assert keeper.state == TokenState.BLOCKED
+    assert keeper.next_attempt_at == env.clock.time() + 60.0
 
 
 async def test_two_token_sets_of_one_merchant_spend_one_password_attempt(env: Env) -> None:

@@ -151,7 +151,7 @@ async def test_exposition_holds_no_token_and_no_password(
 
 async def test_counters_start_at_zero_and_count(env: Env) -> None:
     for grant_type in ("password", "refresh"):
-        for outcome in ("success", "transient", "dead_grant", "permanent"):
+        for outcome in ("success", "transient", "dead_grant", "permanent", "error"):
             labels = {"grant": grant_type, "outcome": outcome}
             assert env.value("anybilld_token_requests_total", **labels) == 0
     assert env.value("anybilld_token_file_writes_total", outcome="success") == 0

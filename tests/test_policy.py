@@ -11,7 +11,13 @@ from tenacity import AsyncRetrying, RetryCallState, Retrying, retry_if_exception
 from tenacity.stop import stop_after_attempt
 
 from anybilld.errors import BlockReason, PermanentError, TransientError
-from anybilld.policy import Uniform, refresh_delay, wait_full_jitter, wait_retry_after
+from anybilld.policy import (
+    Uniform,
+    refresh_delay,
+    temporary_lock_delay,
+    wait_full_jitter,
+    wait_retry_after,
+)
 
 
 def upper(a: float, b: float) -> float:
@@ -197,3 +203,44 @@ async def test_retry_after_in_a_real_retry_loop_with_a_fake_sleep() -> None:
     )
     assert await retrying(attempt) == "token"
     assert waits == [1.0, 100.0, 4.0, 8.0]
+
+
+# ---------------------------------------------------------------- temporary_lock_delay
+
+
+@pytest.mark.parametrize(
+    ("locks", "blocked_retry", "wait"),
+    [
+        # However short blocked_retry is, never less than a minute, and growing.
+        (1, 1.0, 60.0),
+        (2, 1.0, 120.0),
+        (3, 1.0, 240.0),
+        (6, 1.0, 1920.0),
+        (7, 1.0, 3600.0),  # 3,840 capped at an hour
+        (10_000, 1.0, 3600.0),  # no float overflow
+        (0, 1.0, 60.0),  # nothing counted yet: the first wait
+        # The default blocked_retry (an hour) is the cap...
+        (1, 3600.0, 60.0),
+        (7, 3600.0, 3600.0),
+        # ... and a longer one lets the wait grow on to it.
+        (8, 86400.0, 7680.0),
+        (12, 86400.0, 86400.0),
+    ],
+)
+def test_temporary_lock_delay_starts_at_a_minute_and_doubles_up_to_the_cap(
+    locks: int, blocked_retry: float, wait: float
+) -> None:
+    assert temporary_lock_delay(locks, blocked_retry=blocked_retry) == wait
+
+
+@PROPERTY
+@given(
+    locks=st.integers(min_value=1, max_value=10_000),
+    blocked_retry=st.floats(min_value=1.0, max_value=90 * 86400.0),
+)
+def test_temporary_lock_delay_is_at_least_a_minute_and_never_shrinks(
+    locks: int, blocked_retry: float
+) -> None:
+    wait = temporary_lock_delay(locks, blocked_retry=blocked_retry)
+    assert 60.0 <= wait <= max(blocked_retry, 3600.0)
+    assert temporary_lock_delay(locks + 1, blocked_retry=blocked_retry) >= wait

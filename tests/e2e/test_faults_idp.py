@@ -10,6 +10,7 @@ text read for passwords and tokens.
 
 from __future__ import annotations
 
+import base64
 import itertools
 import json
 import signal
@@ -76,11 +77,13 @@ def test_a_long_outage_of_every_kind_keeps_the_file_caps_the_backoff_and_recover
     wait_for(lambda: d.log().count("network error (ConnectError)") >= 4, what="refused retries")
     assert {k: d.token_file(*k).read_bytes() for k in keys} == published
     gate.open()
-    # 2. It answers, badly: resets, hangs past the timeout, 5xx pages; then a 5xx outage
-    #    of a fixed duration, on the emulator's own timer.
+    # 2. It answers, badly: resets, hangs past the timeout, answers that trickle in a byte
+    #    at a time (each read well within the timeout, the whole far beyond it), 5xx pages;
+    #    then a 5xx outage of a fixed duration, on the emulator's own timer.
     emu.add_faults(
         {"kind": "reset", "times": 3},
         {"kind": "hang", "seconds": 3, "times": 2},
+        {"kind": "trickle", "interval": 0.2, "times": 2},
         {"kind": "server_error", "status": 502, "times": 2},
         {"kind": "server_error", "status": 503, "times": None, "for_seconds": 4},
     )
@@ -100,9 +103,10 @@ def test_a_long_outage_of_every_kind_keeps_the_file_caps_the_backoff_and_recover
     assert [r["grant_type"] for r in record].count("password") == 2
     refreshes = [r for r in record if r["grant_type"] == "refresh_token"]
     failed = [r for r in refreshes if r["fault"] is not None]
-    assert {r["fault"] for r in failed} == {"reset", "hang", "server_error"}
+    assert {r["fault"] for r in failed} == {"reset", "hang", "trickle", "server_error"}
     # Back-off capped at retry_max: between two failed attempts of a token set there is
-    # at most retry_max (plus the timeout for a hang, and slack for a busy machine).
+    # at most retry_max (plus the timeout for a hang or a trickle, and slack for a busy
+    # machine).
     by_scope: dict[str, list[dict[str, Any]]] = {}
     for r in refreshes:
         by_scope.setdefault(r["scope"], []).append(r)
@@ -110,7 +114,7 @@ def test_a_long_outage_of_every_kind_keeps_the_file_caps_the_backoff_and_recover
         in_outage = [r for r in attempts if outage_from <= r["at"] <= outage_until]
         assert len(in_outage) >= 3, "kept trying during the outage"
         for a, b in itertools.pairwise(in_outage):
-            limit = retry_max + (1.0 if a["fault"] == "hang" else 0) + 1.0
+            limit = retry_max + (1.0 if a["fault"] in ("hang", "trickle") else 0) + 1.0
             assert b["at"] - a["at"] <= limit, (a, b)
         # Recovered within one back-off period after the outage ended.
         first_ok = next(r for r in attempts if r["at"] > outage_from and r["fault"] is None)
@@ -205,6 +209,11 @@ def test_a_few_hundred_token_sets_under_throttling_stay_under_the_cap_and_all_ge
 
 # --------------------------------------------------------------------------- garbage
 
+
+def b64(body: bytes) -> str:
+    return base64.b64encode(body).decode()
+
+
 MALFORMED: list[dict[str, Any]] = [
     {"kind": "raw", "body": '{"access_token": "eyJhbGciOi'},  # truncated JSON
     {"kind": "raw", "body": ""},  # empty 200
@@ -224,6 +233,14 @@ MALFORMED: list[dict[str, Any]] = [
     {"kind": "raw", "status": 400, "body": '{"error": "invalid_grant", "error_description": 5}'},
     {"kind": "raw", "status": 400, "body": '{"error_description": "AADB2C"}'},
     {"kind": "raw", "body": "\xff\xfe garbage \x00"},
+    {"kind": "raw", "body": "[", "repeat": 100_000},  # nested deeper than any stack
+    {"kind": "raw", "body": '{"a": [', "repeat": 30_000},
+    {"kind": "raw", "status": 400, "body": '{"error_description": [', "repeat": 10_000},
+    # Bytes that are no UTF-8, in a token, in an error, and alone.
+    {"kind": "raw", "body_base64": b64(b'{"access_token": "eyJ\xff", "expires_in": 3600}')},
+    {"kind": "raw", "status": 400, "body_base64": b64(b'{"error_description": "\xc3\x28"}')},
+    {"kind": "raw", "body_base64": b64(b"\xff\xfe\x00\xd8garbage")},
+    {"kind": "raw", "body": '{"access_token": "eyJabc", "expires_in": "' + "9" * 5000 + '"}'},
     {"kind": "html200"},
 ]
 
