@@ -641,7 +641,7 @@ class Keeper:
             if exc.reason.whole_merchant and account_block is not None:
                 until = account_block.until
             else:
-                until = now + self._refusal_wait(exc, spec)
+                until = self.rt.clock.monotonic() + self._refusal_wait(exc, spec)
             self._owed_block = _Block(error=exc, until=until, earned_by=spec)
             self._fail(
                 exc,
@@ -665,9 +665,11 @@ class Keeper:
                 granted = await self._request(password_request(spec), spec)
             except PermanentError as exc:
                 if exc.reason.whole_merchant:
-                    self.account.block = _Block(
-                        error=exc, until=now + self._refusal_wait(exc, spec), earned_by=spec
-                    )
+                    # Counted from the refusal, not from the request: the next attempt
+                    # leaves blocked_retry after the IdP counted this one, however long
+                    # the answer took.
+                    until = self.rt.clock.monotonic() + self._refusal_wait(exc, spec)
+                    self.account.block = _Block(error=exc, until=until, earned_by=spec)
                 raise
             self.account.temporary_locks = 0
             return granted
