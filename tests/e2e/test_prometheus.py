@@ -87,10 +87,33 @@ def test_the_rules_pass_their_promtool_unit_tests() -> None:
         assert any(not c["exp_alerts"] for c in mine), f"{alert} is never tested quiet"
 
 
-def test_the_rule_tests_catch_a_broken_rule(tmp_path: Path) -> None:
+MARGIN_RULE = """\
+      - record: anybilld:token_expiry_margin_seconds
+        expr: |
+          0.25 * (
+            anybilld_token_expiry_timestamp_seconds
+              - anybilld_token_last_success_timestamp_seconds
+          )
+"""
+
+
+@pytest.mark.parametrize(
+    "margin",
+    [
+        # A fixed 30 minutes fires between the normal refreshes of a 1-hour token.
+        "0 * anybilld_token_expiry_timestamp_seconds + 1800",
+        # A fixed 10 minutes pages a 24-hour token only minutes before the tills fail.
+        "0 * anybilld_token_expiry_timestamp_seconds + 600",
+        # Half the lifetime fires in normal operation (refreshes leave 40-60 %).
+        "0.5 * (anybilld_token_expiry_timestamp_seconds"
+        " - anybilld_token_last_success_timestamp_seconds)",
+    ],
+)
+def test_the_rule_tests_catch_a_wrong_expiry_margin(tmp_path: Path, margin: str) -> None:
     """promtool test rules fails when the expiry margin is not what the tests expect."""
-    broken = RULES.read_text().replace("vector(1800)", "vector(600)")
-    assert broken != RULES.read_text()
+    assert MARGIN_RULE in RULES.read_text()
+    wrong = f"      - record: anybilld:token_expiry_margin_seconds\n        expr: {margin}\n"
+    broken = RULES.read_text().replace(MARGIN_RULE, wrong)
     (tmp_path / RULES.name).write_text(broken)
     (tmp_path / RULE_TESTS.name).write_text(RULE_TESTS.read_text())
     done = promtool("test", "rules", str(tmp_path / RULE_TESTS.name))
@@ -256,14 +279,11 @@ def prometheus_servers() -> Iterator[list[Prometheus]]:
         p.stop()
 
 
-def rules_with_margin(folder: Path, margin: int) -> Path:
-    """The shipped rules with a margin for short test tokens, and no waiting (``for``)."""
+def rules_without_waiting(folder: Path) -> Path:
+    """The shipped rules, margin and all, with no waiting (``for``) for the expiry alert."""
     doc = yaml.safe_load(RULES.read_text())
     for group in doc["groups"]:
         for rule in group["rules"]:
-            if rule.get("record") == "anybilld:token_expiry_margin_seconds":
-                assert rule["expr"] == "vector(1800)"
-                rule["expr"] = f"vector({margin})"
             if rule.get("alert") == "AnybilldTokenExpiringSoon":
                 rule["for"] = "0s"
     path = folder / "rules.yml"
@@ -277,13 +297,13 @@ def test_prometheus_scrapes_every_expiry_and_fires_the_expiry_alert_when_tokens_
     daemons: list[DaemonProcess],
     prometheus_servers: list[Prometheus],
 ) -> None:
-    # 30-second tokens are refreshed at 12-18 s, so at least 12 s are always left; a
-    # 6-second margin stays quiet while refreshes work.
+    # 30-second tokens are refreshed at 12-18 s, so at least 12 s are always left; the
+    # shipped margin, a quarter of the lifetime (7.5 s), stays quiet while refreshes work.
     emu = emulator(access_token_lifetime=30)
     d = DaemonProcess(tmp_path / "d", daemon_config(emu))
     daemons.append(d)
     prom = Prometheus(
-        tmp_path / "prometheus", f"127.0.0.1:{d.port}", rules_with_margin(tmp_path, 6)
+        tmp_path / "prometheus", f"127.0.0.1:{d.port}", rules_without_waiting(tmp_path)
     )
     prometheus_servers.append(prom)
 
