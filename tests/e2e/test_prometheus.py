@@ -280,11 +280,11 @@ def prometheus_servers() -> Iterator[list[Prometheus]]:
 
 
 def rules_without_waiting(folder: Path) -> Path:
-    """The shipped rules, margin and all, with no waiting (``for``) for the expiry alert."""
+    """The shipped rules, margin and all, with no waiting (``for``) for the token alerts."""
     doc = yaml.safe_load(RULES.read_text())
     for group in doc["groups"]:
         for rule in group["rules"]:
-            if rule.get("alert") == "AnybilldTokenExpiringSoon":
+            if rule.get("alert") in ("AnybilldTokenExpiringSoon", "AnybilldTokenSetWithoutToken"):
                 rule["for"] = "0s"
     path = folder / "rules.yml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
@@ -300,7 +300,10 @@ def test_prometheus_scrapes_every_expiry_and_fires_the_expiry_alert_when_tokens_
     # 30-second tokens are refreshed at 12-18 s, so at least 12 s are always left; the
     # shipped margin, a quarter of the lifetime (7.5 s), stays quiet while refreshes work.
     emu = emulator(access_token_lifetime=30)
-    d = DaemonProcess(tmp_path / "d", daemon_config(emu))
+    # munich is new and every attempt of it fails: retrying, never pending, never a token.
+    emu.add_faults({"kind": "server_error", "times": None, "match": {"username": "svc-munich"}})
+    munich = merchant("munich", "svc-munich", "munich-Pa55", ["bill"])
+    d = DaemonProcess(tmp_path / "d", daemon_config(emu, munich))
     daemons.append(d)
     prom = Prometheus(
         tmp_path / "prometheus", f"127.0.0.1:{d.port}", rules_without_waiting(tmp_path)
@@ -339,6 +342,17 @@ def test_prometheus_scrapes_every_expiry_and_fires_the_expiry_alert_when_tokens_
     assert {(s["metric"]["merchant"], s["metric"]["scope"]) for s in expiry_panel} == TOKEN_SETS
     assert prom.alerts("AnybilldTokenExpiringSoon") == []
     assert [s["value"][1] for s in prom.query('up{job="anybilld"}')] == ["1"]
+
+    # The token set without a token is alerted on, and only that one.
+    def without_token() -> set[tuple[str, str]] | None:
+        got = {
+            (a["labels"]["merchant"], a["labels"]["scope"])
+            for a in prom.alerts("AnybilldTokenSetWithoutToken")
+            if a["state"] == "firing"
+        }
+        return got or None
+
+    assert wait_for(without_token, what="AnybilldTokenSetWithoutToken") == {("munich", "bill")}
 
     # The identity provider stops issuing tokens: every refresh fails from now on.
     emu.add_faults({"kind": "server_error", "status": 503, "times": None})
