@@ -149,6 +149,58 @@ def dashboard_exprs() -> list[str]:
     return exprs
 
 
+# What a query's values are, by its shape -> the Grafana units that show them right.
+COUNTS = {"", "short", "none"}  # "": Grafana's default, a plain number
+UNITS = [
+    (r"_bytes\b", {"bytes"}),
+    (r"rate\(process_cpu_seconds_total", {"percentunit"}),  # CPU seconds per second
+    (r"time\(\)|histogram_quantile\(.*_seconds_bucket", {"s"}),
+    (r"\brate\(", {"reqps", "ops"}),  # events per second
+]
+
+
+def expected_units(expr: str) -> set[str]:
+    return next((units for pattern, units in UNITS if re.search(pattern, expr)), COUNTS)
+
+
+def panel_units(panel: dict[str, Any]) -> dict[str, str]:
+    """refId -> the unit Grafana shows that query in: the panel's, or an override's."""
+    config = panel.get("fieldConfig", {})
+    default = config.get("defaults", {}).get("unit", "")
+    units = {t["refId"]: default for t in panel.get("targets", [])}
+    for override in config.get("overrides", []):
+        if override["matcher"]["id"] == "byFrameRefID":
+            for prop in override["properties"]:
+                if prop["id"] == "unit":
+                    units[override["matcher"]["options"]] = prop["value"]
+    return units
+
+
+def test_every_dashboard_query_is_shown_in_the_unit_of_its_values() -> None:
+    """A panel mixing bytes and CPU, or counts and seconds, gives each query its own unit."""
+    wrong = []
+    for panel in json.loads(DASHBOARD.read_text())["panels"]:
+        units = panel_units(panel)
+        for target in panel.get("targets", []):
+            if units[target["refId"]] not in expected_units(target["expr"]):
+                wrong.append((panel["title"], target["refId"], units[target["refId"]]))
+    assert wrong == []
+
+
+def test_the_dashboard_uses_its_data_source_variable_and_declares_nothing_unused() -> None:
+    text = DASHBOARD.read_text()
+    doc = json.loads(text)
+    for declared in doc.get("__inputs", []):
+        assert "${" + declared["name"] + "}" in text, f"unused input {declared['name']}"
+    sources = {
+        json.dumps(x["datasource"])
+        for p in doc["panels"]
+        for x in [p, *p.get("targets", [])]
+        if "datasource" in x
+    }
+    assert sources == {json.dumps({"type": "prometheus", "uid": "${datasource}"})}
+
+
 def exported_names(text: str) -> set[str]:
     """Every sample name in an exposition, e.g. ``x_bucket`` and ``x_total``."""
     return {
