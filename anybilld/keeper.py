@@ -494,7 +494,16 @@ class Keeper:
             self._due = now_mono
             self._log(logging.INFO, "the password changed since the last login; logging in")
         expires = stored.access_token_expires_at
-        if stored.access_token is None or expires is None or expires <= now_wall:
+        if stored.access_token is None or expires is None:
+            return
+        if expires <= now_wall:
+            # Expired while the daemon was down (a restart during an outage). The files hold
+            # this token (the state is saved before them; only a failed save, alerted on as
+            # output failing, leaves them newer), so its expiry is what consumers have:
+            # shown as expired rather than as no token, the expiry alert keeps firing
+            # across the restart until a fresh token is written.
+            self.published_expires_at = expires
+            self.last_success_at = stored.obtained_at
             return
         self._access = stored.access_token
         self.access_expires_at = expires

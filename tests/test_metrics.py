@@ -90,6 +90,37 @@ async def test_token_set_gauges_read_the_keepers_live_state(
     assert env.value("anybilld_token_expiry_timestamp_seconds", **labels) == ok.access_expires_at
 
 
+async def test_a_token_that_expired_across_a_restart_keeps_its_expiry_series(
+    env: Env,
+) -> None:
+    """A restart during an outage: the files hold an expired token, and the metrics say so
+    (the expiry alert keeps firing) instead of dropping the series as if there were none."""
+    labels = {"merchant": "m-1", "scope": "bill"}
+    first = env.start_merchant("m-1", grant("1"))
+    await settle()
+    await first.stop()
+    env.keepers.remove(first)
+    await env.clock.advance(4000.0)  # the daemon was down longer than the token lived
+
+    env.push("m-1", transient())  # ... and the identity provider is down too
+    second = env.start_merchant("m-1")
+    await settle()
+    assert second.state == TokenState.RETRYING
+    assert not second.has_valid_token
+    assert env.value("anybilld_token_expiry_timestamp_seconds", **labels) == WALL0 + 3600
+    assert env.value("anybilld_token_last_success_timestamp_seconds", **labels) == WALL0
+    assert env.token_doc("m-1", "bill")["access_token"] == "AT-1"  # what tills still read
+
+    # The identity provider is back: the fresh token replaces the expired one.
+    env.push("m-1", grant("2"))
+    await env.clock.advance(second.next_attempt_at - env.clock.time())
+    await settle()
+    assert second.state == TokenState.OK
+    now = env.clock.time()
+    assert env.value("anybilld_token_expiry_timestamp_seconds", **labels) == now + 3600
+    assert env.value("anybilld_token_last_success_timestamp_seconds", **labels) == now
+
+
 async def test_blocked_has_a_series_only_while_blocked_with_the_reason(
     env: Env, fleet: dict[str, Keeper]
 ) -> None:

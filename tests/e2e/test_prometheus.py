@@ -87,10 +87,33 @@ def test_the_rules_pass_their_promtool_unit_tests() -> None:
         assert any(not c["exp_alerts"] for c in mine), f"{alert} is never tested quiet"
 
 
-def test_the_rule_tests_catch_a_broken_rule(tmp_path: Path) -> None:
+MARGIN_RULE = """\
+      - record: anybilld:token_expiry_margin_seconds
+        expr: |
+          0.25 * (
+            anybilld_token_expiry_timestamp_seconds
+              - anybilld_token_last_success_timestamp_seconds
+          )
+"""
+
+
+@pytest.mark.parametrize(
+    "margin",
+    [
+        # A fixed 30 minutes fires between the normal refreshes of a 1-hour token.
+        "0 * anybilld_token_expiry_timestamp_seconds + 1800",
+        # A fixed 10 minutes pages a 24-hour token only minutes before the tills fail.
+        "0 * anybilld_token_expiry_timestamp_seconds + 600",
+        # Half the lifetime fires in normal operation (refreshes leave 40-60 %).
+        "0.5 * (anybilld_token_expiry_timestamp_seconds"
+        " - anybilld_token_last_success_timestamp_seconds)",
+    ],
+)
+def test_the_rule_tests_catch_a_wrong_expiry_margin(tmp_path: Path, margin: str) -> None:
     """promtool test rules fails when the expiry margin is not what the tests expect."""
-    broken = RULES.read_text().replace("vector(1800)", "vector(600)")
-    assert broken != RULES.read_text()
+    assert MARGIN_RULE in RULES.read_text()
+    wrong = f"      - record: anybilld:token_expiry_margin_seconds\n        expr: {margin}\n"
+    broken = RULES.read_text().replace(MARGIN_RULE, wrong)
     (tmp_path / RULES.name).write_text(broken)
     (tmp_path / RULE_TESTS.name).write_text(RULE_TESTS.read_text())
     done = promtool("test", "rules", str(tmp_path / RULE_TESTS.name))
@@ -124,6 +147,58 @@ def dashboard_exprs() -> list[str]:
     exprs = [t["expr"] for p in doc["panels"] for t in p.get("targets", [])]
     exprs += [v["definition"] for v in doc["templating"]["list"] if "definition" in v]
     return exprs
+
+
+# What a query's values are, by its shape -> the Grafana units that show them right.
+COUNTS = {"", "short", "none"}  # "": Grafana's default, a plain number
+UNITS = [
+    (r"_bytes\b", {"bytes"}),
+    (r"rate\(process_cpu_seconds_total", {"percentunit"}),  # CPU seconds per second
+    (r"time\(\)|histogram_quantile\(.*_seconds_bucket", {"s"}),
+    (r"\brate\(", {"reqps", "ops"}),  # events per second
+]
+
+
+def expected_units(expr: str) -> set[str]:
+    return next((units for pattern, units in UNITS if re.search(pattern, expr)), COUNTS)
+
+
+def panel_units(panel: dict[str, Any]) -> dict[str, str]:
+    """refId -> the unit Grafana shows that query in: the panel's, or an override's."""
+    config = panel.get("fieldConfig", {})
+    default = config.get("defaults", {}).get("unit", "")
+    units = {t["refId"]: default for t in panel.get("targets", [])}
+    for override in config.get("overrides", []):
+        if override["matcher"]["id"] == "byFrameRefID":
+            for prop in override["properties"]:
+                if prop["id"] == "unit":
+                    units[override["matcher"]["options"]] = prop["value"]
+    return units
+
+
+def test_every_dashboard_query_is_shown_in_the_unit_of_its_values() -> None:
+    """A panel mixing bytes and CPU, or counts and seconds, gives each query its own unit."""
+    wrong = []
+    for panel in json.loads(DASHBOARD.read_text())["panels"]:
+        units = panel_units(panel)
+        for target in panel.get("targets", []):
+            if units[target["refId"]] not in expected_units(target["expr"]):
+                wrong.append((panel["title"], target["refId"], units[target["refId"]]))
+    assert wrong == []
+
+
+def test_the_dashboard_uses_its_data_source_variable_and_declares_nothing_unused() -> None:
+    text = DASHBOARD.read_text()
+    doc = json.loads(text)
+    for declared in doc.get("__inputs", []):
+        assert "${" + declared["name"] + "}" in text, f"unused input {declared['name']}"
+    sources = {
+        json.dumps(x["datasource"])
+        for p in doc["panels"]
+        for x in [p, *p.get("targets", [])]
+        if "datasource" in x
+    }
+    assert sources == {json.dumps({"type": "prometheus", "uid": "${datasource}"})}
 
 
 def exported_names(text: str) -> set[str]:
@@ -256,15 +331,12 @@ def prometheus_servers() -> Iterator[list[Prometheus]]:
         p.stop()
 
 
-def rules_with_margin(folder: Path, margin: int) -> Path:
-    """The shipped rules with a margin for short test tokens, and no waiting (``for``)."""
+def rules_without_waiting(folder: Path) -> Path:
+    """The shipped rules, margin and all, with no waiting (``for``) for the token alerts."""
     doc = yaml.safe_load(RULES.read_text())
     for group in doc["groups"]:
         for rule in group["rules"]:
-            if rule.get("record") == "anybilld:token_expiry_margin_seconds":
-                assert rule["expr"] == "vector(1800)"
-                rule["expr"] = f"vector({margin})"
-            if rule.get("alert") == "AnybilldTokenExpiringSoon":
+            if rule.get("alert") in ("AnybilldTokenExpiringSoon", "AnybilldTokenSetWithoutToken"):
                 rule["for"] = "0s"
     path = folder / "rules.yml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
@@ -277,13 +349,16 @@ def test_prometheus_scrapes_every_expiry_and_fires_the_expiry_alert_when_tokens_
     daemons: list[DaemonProcess],
     prometheus_servers: list[Prometheus],
 ) -> None:
-    # 30-second tokens are refreshed at 12-18 s, so at least 12 s are always left; a
-    # 6-second margin stays quiet while refreshes work.
+    # 30-second tokens are refreshed at 12-18 s, so at least 12 s are always left; the
+    # shipped margin, a quarter of the lifetime (7.5 s), stays quiet while refreshes work.
     emu = emulator(access_token_lifetime=30)
-    d = DaemonProcess(tmp_path / "d", daemon_config(emu))
+    # munich is new and every attempt of it fails: retrying, never pending, never a token.
+    emu.add_faults({"kind": "server_error", "times": None, "match": {"username": "svc-munich"}})
+    munich = merchant("munich", "svc-munich", "munich-Pa55", ["bill"])
+    d = DaemonProcess(tmp_path / "d", daemon_config(emu, munich))
     daemons.append(d)
     prom = Prometheus(
-        tmp_path / "prometheus", f"127.0.0.1:{d.port}", rules_with_margin(tmp_path, 6)
+        tmp_path / "prometheus", f"127.0.0.1:{d.port}", rules_without_waiting(tmp_path)
     )
     prometheus_servers.append(prom)
 
@@ -319,6 +394,17 @@ def test_prometheus_scrapes_every_expiry_and_fires_the_expiry_alert_when_tokens_
     assert {(s["metric"]["merchant"], s["metric"]["scope"]) for s in expiry_panel} == TOKEN_SETS
     assert prom.alerts("AnybilldTokenExpiringSoon") == []
     assert [s["value"][1] for s in prom.query('up{job="anybilld"}')] == ["1"]
+
+    # The token set without a token is alerted on, and only that one.
+    def without_token() -> set[tuple[str, str]] | None:
+        got = {
+            (a["labels"]["merchant"], a["labels"]["scope"])
+            for a in prom.alerts("AnybilldTokenSetWithoutToken")
+            if a["state"] == "firing"
+        }
+        return got or None
+
+    assert wait_for(without_token, what="AnybilldTokenSetWithoutToken") == {("munich", "bill")}
 
     # The identity provider stops issuing tokens: every refresh fails from now on.
     emu.add_faults({"kind": "server_error", "status": 503, "times": None})

@@ -63,6 +63,8 @@ def test_ready_reload_stop_in_order_on_a_path_socket_while_the_identity_provider
     config: dict[str, Any] = {
         "identity": {"token_url": dead_identity_provider(), "client_id": "c", "timeout": "2"},
         "refresh": FAST_REFRESH,
+        # The config watcher looks once a day: the reloads below come from SIGHUP alone.
+        "reload": {"watch": "poll", "poll_interval": "1d"},
         "merchants": [merchant("berlin", "svc-berlin", "berlin-Pa55", ["bill", "store"])],
     }
     # The watchdog is meant for another process (WATCHDOG_PID): this one must not ping.

@@ -11,13 +11,17 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 from daemon_process import REPO_ROOT
 from emulator_process import EmulatorProcess, emulator_factory  # noqa: F401
 from tools import require_tool
+
+from anybilld.files import atomic_write
 
 PACKAGING = REPO_ROOT / "packaging"
 UNIT = PACKAGING / "anybilld.service"
@@ -99,45 +103,141 @@ def install_root(folder: Path) -> Path:
     return root
 
 
-def run_sysusers(root: Path) -> tuple[int, int]:
-    """systemd-sysusers on ``root``; the uid and gid it gave anybilld."""
+class Ids(NamedTuple):
+    uid: int  # the anybilld user
+    gid: int  # its group, anybilld: the daemon's alone
+    tokens_gid: int  # anybilld-tokens: the POS apps that read tokens
+
+
+def run_sysusers(root: Path) -> Ids:
+    """systemd-sysusers on ``root``; the ids it gave anybilld and anybilld-tokens."""
     sysusers = require_tool("systemd-sysusers")
     done = subprocess.run([sysusers, f"--root={root}"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     users = {line.split(":")[0]: line.split(":") for line in (root / "etc/passwd").open()}
-    groups = {line.split(":")[0]: line.split(":") for line in (root / "etc/group").open()}
+    groups = {
+        line.split(":")[0]: line.rstrip("\n").split(":") for line in (root / "etc/group").open()
+    }
     user = users["anybilld"]
     uid, gid = int(user[2]), int(user[3])
     assert gid == int(groups["anybilld"][2])
     assert uid < 1000, "a system user"
     assert user[5:] == ["/var/lib/anybilld", "/usr/sbin/nologin\n"]
-    return uid, gid
+    # The daemon's group has no other member; the token readers' group has the daemon, so
+    # that it may give token files that group.
+    assert groups["anybilld"][3] == ""
+    assert groups["anybilld-tokens"][3] == "anybilld"
+    tokens_gid = int(groups["anybilld-tokens"][2])
+    assert tokens_gid < 1000 and tokens_gid != gid
+    return Ids(uid, gid, tokens_gid)
 
 
-def test_sysusers_creates_the_anybilld_system_user_and_group(tmp_path: Path) -> None:
+def test_sysusers_creates_the_anybilld_system_user_and_groups(tmp_path: Path) -> None:
     run_sysusers(install_root(tmp_path))
 
 
-def test_tmpfiles_creates_the_directories_with_their_owners_and_modes(tmp_path: Path) -> None:
+def run_tmpfiles(root: Path) -> None:
     tmpfiles = require_tool("systemd-tmpfiles")
     if os.geteuid() != 0:
         pytest.skip("systemd-tmpfiles needs root to give the directories their owners")
-    root = install_root(tmp_path)
-    uid, gid = run_sysusers(root)
     done = subprocess.run([tmpfiles, f"--root={root}", "--create"], capture_output=True, text=True)
     assert (done.returncode, done.stderr) == (0, "")
+
+
+def test_tmpfiles_creates_the_directories_with_their_owners_and_modes(tmp_path: Path) -> None:
+    root = install_root(tmp_path)
+    uid, gid, tokens_gid = run_sysusers(root)
+    # An install of an earlier layout: tokens/ came from StateDirectory=, group anybilld.
+    (root / "var/lib/anybilld/tokens").mkdir(parents=True)
+    for d in ("var/lib/anybilld", "var/lib/anybilld/tokens"):
+        os.chown(root / d, uid, gid)
+        os.chmod(root / d, 0o750)
+    run_tmpfiles(root)
 
     def owner_mode(path: str) -> tuple[int, int, str]:
         st = (root / path).stat()
         return st.st_uid, st.st_gid, oct(st.st_mode & 0o7777)
 
     assert owner_mode("etc/anybilld") == (0, gid, "0o750")
-    assert owner_mode("etc/anybilld/secrets") == (0, gid, "0o750")
+    assert owner_mode("etc/anybilld/secrets") == (uid, gid, "0o700")
     assert owner_mode("etc/anybilld/credentials") == (0, 0, "0o700")
-    assert owner_mode("var/lib/anybilld") == (uid, gid, "0o750")
-    # POS apps in group anybilld can reach the tokens, never the refresh tokens.
-    assert owner_mode("var/lib/anybilld/tokens") == (uid, gid, "0o750")
+    assert owner_mode("var/lib/anybilld") == (uid, gid, "0o751")
+    # POS apps in group anybilld-tokens can reach the tokens, never the refresh tokens.
+    assert owner_mode("var/lib/anybilld/tokens") == (uid, tokens_gid, "0o750")
     assert owner_mode("var/lib/anybilld/state") == (uid, gid, "0o700")
+
+
+# What a process can open: one line per path, "ok" if it can read the file or list the
+# directory. A shell, not Python: the interpreter running the tests may live where other
+# users cannot run it (a pyenv under /root).
+OPEN_PROBE = """
+for p; do
+    if [ -d "$p" ]; then ls -- "$p" >/dev/null 2>&1; else cat -- "$p" >/dev/null 2>&1; fi \\
+        && echo ok || echo no
+done
+"""
+
+
+def can_open(paths: list[Path], *, uid: int, gid: int, groups: list[int]) -> list[Path]:
+    """The paths a process of these ids can read (a file) or list (a directory)."""
+    done = subprocess.run(
+        ["/bin/sh", "-c", OPEN_PROBE, "sh", *map(str, paths)],
+        user=uid,
+        group=gid,
+        extra_groups=groups,
+        cwd="/",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return [p for p, line in zip(paths, done.stdout.split(), strict=True) if line == "ok"]
+
+
+def test_a_token_reader_reads_the_tokens_but_never_the_config_or_the_secrets() -> None:
+    """The install of the README in a scratch root: the config as `install -m 0640 -g
+    anybilld`, a password file as `install -m 0600 -o anybilld`, a token file written by
+    anybilld's own writer for group anybilld-tokens, a state file as the daemon keeps it."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create files of other owners and run as other users")
+    # Not under pytest's tmp_path: its parents are root's alone, and the processes below
+    # must reach the scratch root as they would reach the paths of their own system.
+    folder = Path(tempfile.mkdtemp(prefix="anybilld-root-"))
+    try:
+        folder.chmod(0o755)
+        root = install_root(folder)
+        root.chmod(0o755)
+        ids = run_sysusers(root)
+        run_tmpfiles(root)
+        etc, lib = root / "etc/anybilld", root / "var/lib/anybilld"
+
+        config = etc / "config.yaml"
+        config.write_text("version: 1\n")
+        os.chown(config, 0, ids.gid)
+        config.chmod(0o640)
+        secret = etc / "secrets/berlin-01"
+        secret.write_text("the-password\n")
+        os.chown(secret, ids.uid, ids.gid)
+        secret.chmod(0o600)
+        token = lib / "tokens/berlin-01/bill.json"
+        atomic_write(token, b"{}", mode=0o640, group=ids.tokens_gid, root=lib / "tokens")
+        state = lib / "state/berlin-01/bill.json"
+        state.parent.mkdir(mode=0o700)
+        state.write_text("{}")
+        for path in (state.parent, state):
+            os.chown(path, ids.uid, ids.gid)
+        state.chmod(0o600)
+        paths = [etc, config, etc / "secrets", secret, lib, lib / "state", state]
+        paths += [lib / "tokens", token.parent, token]
+
+        # A POS app, in group anybilld-tokens only: the tokens, and nothing else.
+        pos = can_open(paths, uid=64999, gid=64999, groups=[ids.tokens_gid])
+        assert pos == [lib / "tokens", token.parent, token]
+        # The daemon: all of it but the directory listings it does not need.
+        daemon = can_open(paths, uid=ids.uid, gid=ids.gid, groups=[ids.tokens_gid])
+        assert daemon == paths
+    finally:
+        shutil.rmtree(folder)
 
 
 # --------------------------------------------------------------------- MemoryDenyWriteExecute
