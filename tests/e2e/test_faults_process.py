@@ -230,11 +230,13 @@ def test_a_reader_in_a_tight_loop_never_sees_an_empty_or_partial_file(
     assert not temp_files(d.output_dir, d.state_dir)
 
 
-def test_sigterm_with_hundreds_of_requests_in_flight_exits_0_and_leaves_every_file_whole(
-    tmp_path: Path,
+def three_hundred_token_sets_published(
+    folder: Path,
     emulator_factory: Callable[..., EmulatorProcess],  # noqa: F811
     daemons: list[DaemonProcess],
-) -> None:
+) -> tuple[EmulatorProcess, DaemonProcess, list[dict[str, Any]], list[tuple[str, str]]]:
+    """60 merchants with 5 scopes each, 6-second tokens, every token file written: from here
+    on refreshes fall due within seconds, hundreds at a time."""
     scopes = ["bill", "category", "customer", "store", "user"]
     merchants = [
         merchant(f"m{i:02d}", f"svc-{i:02d}", f"pw-{i:02d}-Pa55", scopes) for i in range(60)
@@ -245,10 +247,21 @@ def test_sigterm_with_hundreds_of_requests_in_flight_exits_0_and_leaves_every_fi
         merchants,
         identity={"max_requests_per_second": 2000, "max_concurrent_requests": 400},
     )
-    d = DaemonProcess(tmp_path / "d", config)
+    d = DaemonProcess(folder, config)
     daemons.append(d)
     keys = [(m["id"], s) for m in merchants for s in scopes]
     wait_for(lambda: all(d.read_json(*k) for k in keys), timeout=60, what="300 token files")
+    return emu, d, merchants, keys
+
+
+def test_sigterm_with_hundreds_of_requests_in_flight_exits_0_and_leaves_every_file_whole(
+    tmp_path: Path,
+    emulator_factory: Callable[..., EmulatorProcess],  # noqa: F811
+    daemons: list[DaemonProcess],
+) -> None:
+    emu, d, merchants, keys = three_hundred_token_sets_published(
+        tmp_path / "d", emulator_factory, daemons
+    )
     # Every refresh from now on hangs at the IdP; the refreshes fall due within seconds.
     emu.add_faults({"kind": "hang", "seconds": 60, "times": None})
     ids = {m["username"]: m["id"] for m in merchants}
@@ -278,20 +291,7 @@ def test_sigterm_while_answers_land_saves_and_publishes_each_of_them(
     """The refreshes in flight are answered during the shutdown's grace: every token the
     daemon saved in its state is also the one in the token file (a save is never cut off
     between the state and the files)."""
-    scopes = ["bill", "category", "customer", "store", "user"]
-    merchants = [
-        merchant(f"m{i:02d}", f"svc-{i:02d}", f"pw-{i:02d}-Pa55", scopes) for i in range(60)
-    ]
-    emu = emulator_factory({"users": users_of(merchants), "access_token_lifetime": 6})
-    config = daemon_config(
-        emu,
-        merchants,
-        identity={"max_requests_per_second": 2000, "max_concurrent_requests": 400},
-    )
-    d = DaemonProcess(tmp_path / "d", config)
-    daemons.append(d)
-    keys = [(m["id"], s) for m in merchants for s in scopes]
-    wait_for(lambda: all(d.read_json(*k) for k in keys), timeout=60, what="300 token files")
+    emu, d, _, keys = three_hundred_token_sets_published(tmp_path / "d", emulator_factory, daemons)
     mark = max(int(r["id"]) for r in emu.requests())
     # Each refresh from now on is answered two seconds after it arrives, near the end of
     # the grace that requests under way get.
