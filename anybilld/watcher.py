@@ -370,9 +370,10 @@ class ConfigWatcher:
                 if watch is not None:
                     with contextlib.suppress(KeyError, OSError):
                         observer.unschedule(watch)
+            scheduled = False
             try:
                 for key in added:
-                    self._schedule(observer, key)
+                    scheduled |= self._schedule(observer, key)
             except OSError as exc:
                 if self.using == "poll":
                     raise
@@ -384,7 +385,11 @@ class ConfigWatcher:
                 self._stop_observer()
                 self._generation += 1
                 self._start("poll", ws)
-            return bool(added)
+                return True
+            # Only a directory really watched now is news: one that is still missing would
+            # ask for a reload on every reload that fails for its absence (an endless loop
+            # while `secrets/` is gone). Its ancestor's watch reports its return.
+            return scheduled
 
     def stop(self) -> None:
         with self._lock:
@@ -416,13 +421,16 @@ class ConfigWatcher:
         observer.start()
         self.using = kind
 
-    def _schedule(self, observer: BaseObserver, key: tuple[str, bool]) -> None:
+    def _schedule(self, observer: BaseObserver, key: tuple[str, bool]) -> bool:
+        """Watch ``key``'s directory; False when it does not exist (its nearest existing
+        ancestor is watched for it coming back)."""
         directory, recursive = key
         if not os.path.isdir(directory):
-            return  # gone meanwhile; its parent is watched for it coming back
+            return False
         handler = _Handler(self._relevant, self.on_event)
         self._inodes[key] = _inode(directory)
         self._watches[key] = observer.schedule(handler, directory, recursive=recursive)
+        return True
 
     def _watching(self, observer: BaseObserver, key: tuple[str, bool]) -> bool:
         """Whether the watch of ``key`` still covers the directory there now: its emitter

@@ -354,6 +354,33 @@ def test_update_adds_and_drops_directories(tmp_path: Path) -> None:
         w.stop()
 
 
+def test_a_directory_still_missing_is_no_news_until_it_returns(tmp_path: Path) -> None:
+    """``rm -rf secrets``: every reload fails for its absence and keeps the old watch set;
+    an update must not ask for yet another reload each time, only once it is back."""
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text("a")
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    ws = watch_set([cfg, secrets / "pw"], base=tmp_path)
+    ev = Events()
+    w = ConfigWatcher(mode="inotify", poll_interval=1, on_event=ev.on_event, on_death=ev.on_death)
+    w.start(ws)
+    try:
+        (secrets / "pw").write_text("x")
+        (secrets / "pw").unlink()
+        secrets.rmdir()
+        assert ev.changed.wait(10)
+        # The failed reloads keep the set (with secrets/ in it) and add the missing path's.
+        gone = ws | watch_set([cfg, secrets / "pw"], base=tmp_path)
+        assert w.update(gone) is False
+        assert w.update(gone) is False
+        secrets.mkdir()
+        assert w.update(gone) is True  # back: watched anew, worth one reload
+        assert w.update(gone) is False
+    finally:
+        w.stop()
+
+
 @pytest.mark.parametrize("mode", ["inotify", "poll"])
 def test_a_directory_deleted_and_created_again_is_watched_again(tmp_path: Path, mode: str) -> None:
     cfg = tmp_path / "config.yaml"
