@@ -13,6 +13,7 @@ import gc
 import glob
 import hashlib
 import ipaddress
+import itertools
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -866,6 +867,18 @@ class _Loader:
                 continue
             patterns.append(pattern)
             if _GLOB_MAGIC.search(pattern):
+                # The directory the pattern starts from must exist: a missing merchants.d is
+                # a typo, or a directory being swapped (`mv`), not "no merchants" — read as
+                # that, a reload would stop and delete every merchant in it.
+                fixed = itertools.takewhile(
+                    lambda part: not _GLOB_MAGIC.search(part), Path(pattern).parts
+                )
+                head = Path(os.path.normpath(self.base.joinpath(*fixed)))
+                if not head.is_dir():
+                    item.problem(
+                        f"no such directory: {head} (create it; an empty one includes nothing)"
+                    )
+                    continue
                 # root_dir, not base / pattern: the base directory's own name may contain
                 # glob characters. A pattern matching nothing is fine: an empty merchants.d.
                 found = sorted(glob.glob(pattern, root_dir=self.base, recursive=True))

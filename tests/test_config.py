@@ -312,6 +312,7 @@ def test_example_config_is_valid(tmp_path: Path) -> None:
     shutil.copy(EXAMPLE, main)
     write(tmp_path / "secrets/berlin-01", "pw\n")
     write(tmp_path / "creds/hamburg-02", "pw\n")
+    (tmp_path / "merchants.d").mkdir()  # tmpfiles.d/anybilld.conf creates it on a server
     config = load_config(main, environ={"CREDENTIALS_DIRECTORY": str(tmp_path / "creds")})
     assert [m.id for m in config.merchants] == ["berlin-01", "hamburg-02"]
     # Every key of the schema appears in the example, so it documents all of them.
@@ -682,8 +683,18 @@ def test_include_glob_reads_matches_in_sorted_order(tmp_path: Path) -> None:
 
 
 def test_include_glob_matching_nothing_is_fine(tmp_path: Path) -> None:
+    (tmp_path / "merchants.d").mkdir()
     config = load_config(include_setup(tmp_path), environ={})
     assert [m.id for m in config.merchants] == ["m1"]
+
+
+@pytest.mark.parametrize("pattern", ["merchants.d/*.yaml", "stores/merchants.d/**/*.yaml"])
+def test_include_glob_of_a_missing_directory_is_an_error(tmp_path: Path, pattern: str) -> None:
+    """Not "no merchants": a directory swapped by `mv`, read in the gap, would remove
+    every merchant in it."""
+    main = include_setup(tmp_path, pattern)
+    missing = tmp_path / pattern.split("/*")[0]
+    assert_only(problems_of(main), 4, "include[0]", f"no such directory: {missing}")
 
 
 def test_include_absolute_pattern(tmp_path: Path) -> None:

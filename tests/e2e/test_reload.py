@@ -336,6 +336,69 @@ def test_a_directory_swapped_for_a_new_one_stays_watched(
     assert d.stop() == 0
 
 
+def test_a_directory_missing_while_it_is_swapped_removes_no_merchant(
+    tmp_path: Path, emu: EmulatorProcess, daemons: list[DaemonProcess]
+) -> None:
+    """``mv merchants.d merchants.d.old`` and, a moment later, the new one moved in: the
+    reload in between fails (the include's directory is gone) instead of removing every
+    merchant it held, with their files and grants."""
+    cfg = config(emu, [m("berlin")], include=["merchants.d/*.yaml"])
+    folder = tmp_path / "d"
+    (folder / "merchants.d").mkdir(parents=True)
+    (folder / "merchants.d" / "stores.yaml").write_text(dump({"merchants": [m("munich")]}))
+    d = start(daemons, folder, cfg)
+    wait_for(lambda: published(d, {"berlin", "munich"}), what="first tokens")
+    munich = snapshot(d, "munich")
+    mark = last_request_id(emu)
+    failures = reloads(d, "failure")
+
+    os.rename(folder / "merchants.d", folder / "merchants.d.old")
+    wait_reloaded(d, "failure", failures)
+    assert "no such directory" in d.log()
+    assert live(d) == {"berlin", "munich"}
+    assert snapshot(d, "munich") == munich
+
+    new = folder / "merchants.d.new"
+    new.mkdir()
+    (new / "stores.yaml").write_text(dump({"merchants": [m("munich"), m("hamburg")]}))
+    os.rename(new, folder / "merchants.d")
+    wait_for(lambda: published(d, {"hamburg"}), what="hamburg from the new directory")
+    assert live(d) == {"berlin", "munich", "hamburg"}
+    assert password_logins(emu, mark) == ["svc-hamburg"]
+    assert snapshot(d, "munich") == munich
+    assert d.stop() == 0
+
+
+def test_a_symlinked_directory_swapped_atomically_applies_the_new_version(
+    tmp_path: Path, emu: EmulatorProcess, daemons: list[DaemonProcess]
+) -> None:
+    """The README's atomic way: versions side by side, ``merchants.d`` a link swapped by
+    ``mv -T``; then an edit inside the new version."""
+    cfg = config(emu, [m("berlin")], include=["merchants.d/*.yaml"])
+    folder = tmp_path / "d"
+    (folder / "merchants.v1").mkdir(parents=True)
+    (folder / "merchants.v1" / "stores.yaml").write_text(dump({"merchants": [m("munich")]}))
+    (folder / "merchants.d").symlink_to("merchants.v1")
+    d = start(daemons, folder, cfg)
+    wait_for(lambda: published(d, {"berlin", "munich"}), what="first tokens")
+    munich = snapshot(d, "munich")
+    mark = last_request_id(emu)
+
+    (folder / "merchants.v2").mkdir()
+    (folder / "merchants.v2" / "stores.yaml").write_text(
+        dump({"merchants": [m("munich"), m("hamburg")]})
+    )
+    (folder / "merchants.d.tmp").symlink_to("merchants.v2")
+    os.replace(folder / "merchants.d.tmp", folder / "merchants.d")
+    wait_for(lambda: published(d, {"hamburg"}), what="hamburg from the new version")
+    assert snapshot(d, "munich") == munich
+
+    (folder / "merchants.v2" / "stores.yaml").write_text(dump({"merchants": [m("hamburg")]}))
+    wait_for(lambda: live(d) == {"berlin", "hamburg"}, what="munich gone after an edit")
+    assert password_logins(emu, mark) == ["svc-hamburg"]
+    assert d.stop() == 0
+
+
 # --------------------------------------------------------------------------- removal
 
 

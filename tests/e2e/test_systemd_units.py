@@ -160,6 +160,7 @@ def test_tmpfiles_creates_the_directories_with_their_owners_and_modes(tmp_path: 
 
     assert owner_mode("etc/anybilld") == (0, gid, "0o750")
     assert owner_mode("etc/anybilld/secrets") == (uid, gid, "0o700")
+    assert owner_mode("etc/anybilld/merchants.d") == (0, gid, "0o750")
     assert owner_mode("etc/anybilld/credentials") == (0, 0, "0o700")
     assert owner_mode("var/lib/anybilld") == (uid, gid, "0o751")
     # POS apps in group anybilld-tokens can reach the tokens, never the refresh tokens.
