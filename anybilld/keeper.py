@@ -482,6 +482,8 @@ class Keeper:
             if self.rt.store.recognises(stored.grant_credentials)
             else self._digest(spec)
         )
+        if stored.grant_credentials != self._grant_credentials:
+            self._state_dirty = True  # saved under the current key below
         self._restore_block(stored, now_wall, now_mono)
         owed = self._login_owed(spec)
         if owed and self.block is not None:
@@ -495,6 +497,7 @@ class Keeper:
             self._log(logging.INFO, "the password changed since the last login; logging in")
         expires = stored.access_token_expires_at
         if stored.access_token is None or expires is None:
+            await self._save_if_restamped()
             return
         if expires <= now_wall:
             # Expired while the daemon was down (a restart during an outage). The files hold
@@ -504,6 +507,7 @@ class Keeper:
             # across the restart until a fresh token is written.
             self.published_expires_at = expires
             self.last_success_at = stored.obtained_at
+            await self._save_if_restamped()
             return
         self._access = stored.access_token
         self.access_expires_at = expires
@@ -522,6 +526,13 @@ class Keeper:
         self._log(logging.INFO, "reusing stored token", expires_at=_iso(expires))
         await self._flush()
 
+    async def _save_if_restamped(self) -> None:
+        """Digests made under a lost key, taken as the current credentials', are saved
+        under the current key at once: a password changed from now on (even while the
+        daemon is stopped) is then recognised, and lifts the block."""
+        if self._state_dirty:
+            await self._flush()
+
     def _restore_block(self, stored: StoredGrant, now_wall: float, now_mono: float) -> None:
         spec = self.spec
         until_wall, reason = stored.blocked_until, stored.blocked_reason
@@ -534,6 +545,8 @@ class Keeper:
             return  # the credentials changed since: the block is lifted
         # Same credentials, or unknown (the state's key was lost): honour the block; a
         # change of the config or secret from now on lifts it.
+        if not self.rt.store.recognises(stored.blocked_credentials):
+            self._state_dirty = True  # re-stamped under the current key
         error = PermanentError(
             "blocked before the restart", reason=BlockReason(reason), code=stored.blocked_code
         )

@@ -320,12 +320,13 @@ async def test_a_lost_state_key_keeps_a_stored_block(env: Env) -> None:
     await settle()
     assert env.client.grants == ["password"]  # the refused password is not tried again
     assert second.state == TokenState.BLOCKED
-    # A new password still lifts it at once.
+    # Re-stamped under the new key: a password changed while stopped is recognised.
+    await second.stop()
     env.client.push(grant("1"))
-    second.update(env.spec(password="pw-new"))
+    third = env.start(env.spec(password="pw-new"))
     await settle()
     assert env.client.grants == ["password", "password"]
-    assert second.state == TokenState.OK
+    assert third.state == TokenState.OK
 
 
 async def test_corrupt_state_is_ignored_and_replaced_after_a_password_login(env: Env) -> None:
