@@ -91,3 +91,6 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
     # httpx logs every request URL at INFO; the daemon logs what matters itself.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)
+    # watchdog logs every inotify event at DEBUG, also of unrelated files in a watched
+    # directory: a debug log written beside the config would feed itself without end.
+    logging.getLogger("watchdog").setLevel(logging.INFO)

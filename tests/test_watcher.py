@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -431,3 +433,29 @@ def test_the_files_signature_shows_a_change_no_watcher_saw(tmp_path: Path) -> No
     assert second != first
     (tmp_path / "merchants.d" / "store.yaml").write_text("merchants: []")
     assert sig() != second
+
+
+def test_debug_logging_says_nothing_of_unrelated_files(tmp_path: Path) -> None:
+    """``--log-level debug`` with the log written beside the config: watchdog's own debug
+    lines about that file would make events of their own, without end."""
+    script = f"""
+import logging, pathlib, time
+from anybilld.logs import setup_logging
+from anybilld.watcher import ConfigWatcher, watch_set
+setup_logging("debug")
+d = pathlib.Path({str(tmp_path)!r})
+cfg = d / "config.yaml"
+cfg.write_text("a")
+w = ConfigWatcher(mode="inotify", poll_interval=1, on_event=print, on_death=print)
+w.start(watch_set([cfg], base=d))
+for i in range(20):
+    (d / "daemon.log").write_text(str(i))
+time.sleep(0.3)
+w.stop()
+logging.getLogger("anybilld").debug("done")
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert "done" in done.stderr  # debug logging was on
+    assert "daemon.log" not in done.stderr and done.stdout == ""
