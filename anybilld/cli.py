@@ -7,8 +7,14 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from .config import TokenSetSpec
 
 DEFAULT_CONFIG = "/etc/anybilld/config.yaml"
 DEFAULT_STATUS_URL = "http://127.0.0.1:9464"
@@ -53,7 +59,32 @@ def check(config_path: Path) -> int:
         f"{config_path}: OK, {len(config.merchants)} merchants, {len(sets)} token sets, "
         f"{sum(len(s.outputs) for s in sets)} token files"
     )
+    # Not a config error (the group may be created later, and only those files wait for
+    # it), but what an operator checking before the start wants to know.
+    for name, users in sorted(_missing_groups(sets).items()):
+        print(
+            f"warning: group {name!r} does not exist on this host; the token files of "
+            f"{', '.join(users)} cannot be written until it does",
+            file=sys.stderr,
+        )
     return 0
+
+
+def _missing_groups(sets: Iterable[TokenSetSpec]) -> dict[str, list[str]]:
+    import grp
+
+    missing: dict[str, list[str]] = {}
+    for spec in sets:
+        for out in spec.outputs:
+            if not isinstance(out.group, str):
+                continue  # none, or a numeric id: any id is valid
+            try:
+                grp.getgrnam(out.group)
+            except KeyError:
+                users = missing.setdefault(out.group, [])
+                if spec.merchant not in users:
+                    users.append(spec.merchant)
+    return missing
 
 
 def status(argv: list[str]) -> int:
