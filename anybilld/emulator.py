@@ -1,12 +1,12 @@
 """An emulator of anybill's Azure AD B2C token endpoint, with a control API for tests.
 
 It answers ``POST /<tenant>/oauth2/v2.0/token?p=<policy>`` (and the policy-in-path form
-``/<tenant>/<policy>/oauth2/v2.0/token``) the way ``reference/token-protocol.md`` describes
-B2C: password and refresh grants, numbers as strings or ints, B2C-shaped errors with an
-``AADB2Cnnnnn`` code first and a ``Correlation ID`` line, smart lockout after distinct wrong
-passwords, refresh lifetime and sliding window, per-user revocation, single-use refresh
-tokens, a rate limit, and a FIFO queue of injected faults. Its clock is wall time plus an
-offset the control API moves, so tests expire grants without waiting.
+``/<tenant>/<policy>/oauth2/v2.0/token``) the way B2C does: password and refresh grants,
+numbers as strings or ints, B2C-shaped errors with an ``AADB2Cnnnnn`` code first and a
+``Correlation ID`` line, smart lockout after distinct wrong passwords, refresh lifetime and
+sliding window, per-user revocation, single-use refresh tokens, a rate limit, and a FIFO
+queue of injected faults. Its clock is wall time plus an offset the control API moves, so
+tests expire grants without waiting.
 
 Tokens look like B2C's: access and id tokens are JWTs (``eyJ...``) signed with a per-process
 HMAC key and padded to the length of an RS256 signature, so ``/_emulator/introspect`` can

@@ -66,7 +66,7 @@ def rfc3339(ts: float) -> str:
 
 
 def render(fmt: OutputFormat, token: PublishedToken) -> bytes:
-    """The bytes of ``token`` in output format ``fmt`` (see DESIGN.md, "Files").
+    """The bytes of ``token`` in output format ``fmt`` (README, "Token files").
 
     Raises OutputError if the access token is not a Bearer token (RFC 6750 b64token): such a
     token would need quoting in the env format and could inject lines into the header

@@ -7,7 +7,7 @@ into a ``Grant`` or raises one of the IdentityError classes of ``errors``. Only
 concurrency cap and a request-rate cap so that thousands of token sets never stampede the
 IdP (B2C throttles one client IP at about 20 requests per second across tenants).
 
-Classification follows ``reference/token-protocol.md``: the decision is made on the
+Classification follows how B2C answers (the tables below): the decision is made on the
 ``AADB2Cnnnnn`` code at the start of ``error_description``, not on ``error``.
 """
 
