@@ -309,17 +309,24 @@ def test_a_file_added_to_and_removed_from_merchants_d(
     assert d.stop() == 0
 
 
+def start_with_munich_in_merchants_d(
+    daemons: list[DaemonProcess], folder: Path, emu: EmulatorProcess
+) -> DaemonProcess:
+    """berlin in the main file, munich in merchants.d/stores.yaml, both published."""
+    (folder / "merchants.d").mkdir(parents=True)
+    (folder / "merchants.d" / "stores.yaml").write_text(dump({"merchants": [m("munich")]}))
+    d = start(daemons, folder, config(emu, [m("berlin")], include=["merchants.d/*.yaml"]))
+    wait_for(lambda: published(d, {"berlin", "munich"}), what="first tokens")
+    return d
+
+
 def test_a_directory_swapped_for_a_new_one_stays_watched(
     tmp_path: Path, emu: EmulatorProcess, daemons: list[DaemonProcess]
 ) -> None:
     """A deploy that builds the new ``merchants.d`` beside the old one and swaps them by
     renaming; later edits land in the new directory and must still be seen."""
-    cfg = config(emu, [m("berlin")], include=["merchants.d/*.yaml"])
     folder = tmp_path / "d"
-    (folder / "merchants.d").mkdir(parents=True)
-    (folder / "merchants.d" / "stores.yaml").write_text(dump({"merchants": [m("munich")]}))
-    d = start(daemons, folder, cfg)
-    wait_for(lambda: published(d, {"berlin", "munich"}), what="first tokens")
+    d = start_with_munich_in_merchants_d(daemons, folder, emu)
     mark = last_request_id(emu)
 
     new = folder / "merchants.d.new"
@@ -342,12 +349,8 @@ def test_a_directory_missing_while_it_is_swapped_removes_no_merchant(
     """``mv merchants.d merchants.d.old`` and, a moment later, the new one moved in: the
     reload in between fails (the include's directory is gone) instead of removing every
     merchant it held, with their files and grants."""
-    cfg = config(emu, [m("berlin")], include=["merchants.d/*.yaml"])
     folder = tmp_path / "d"
-    (folder / "merchants.d").mkdir(parents=True)
-    (folder / "merchants.d" / "stores.yaml").write_text(dump({"merchants": [m("munich")]}))
-    d = start(daemons, folder, cfg)
-    wait_for(lambda: published(d, {"berlin", "munich"}), what="first tokens")
+    d = start_with_munich_in_merchants_d(daemons, folder, emu)
     munich = snapshot(d, "munich")
     mark = last_request_id(emu)
     failures = reloads(d, "failure")
