@@ -291,7 +291,20 @@ class Keeper:
             self._restoring = False
             self.account.end_restore()
 
-    async def stop(self, grace: float = 0.0) -> None:
+    def begin_stop(self) -> None:
+        """Send nothing new from now on; a request under way may still land."""
+        self._stopping.set()
+
+    @property
+    def task(self) -> asyncio.Task[None] | None:
+        return self._task
+
+    @property
+    def in_request(self) -> bool:
+        """A grant request has been handed to the client and not answered yet."""
+        return self._in_request
+
+    async def stop(self, grace: float = 0.0, *, at_shutdown: bool = False) -> None:
         """End the task: a request under way may finish within ``grace`` seconds, then the
         task is cancelled; a token being saved and published always finishes (shielded).
 
@@ -305,12 +318,12 @@ class Keeper:
             # asyncio.wait, not wait_for: it neither cancels the task on time-out nor
             # swallows a cancellation of the caller.
             await asyncio.wait({self._task}, timeout=grace)
-            if not self._task.done() and self._in_request:
-                self._log(
-                    logging.WARNING,
-                    "request abandoned at shutdown; if the IdP answered it, a single-use "
-                    "refresh token is spent and the next start logs in with the password",
-                )
+        if (grace > 0 or at_shutdown) and not self._task.done() and self._in_request:
+            self._log(
+                logging.WARNING,
+                "request abandoned at shutdown; if the IdP answered it, a single-use "
+                "refresh token is spent and the next start logs in with the password",
+            )
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
         self._restore_done()  # stopped before its state was read: siblings wait no more

@@ -22,7 +22,12 @@ from .keeper import Account, Keeper, Runtime, TokenState
 
 log = logging.getLogger("anybilld.supervisor")
 
-SAVE_TIMEOUT = 8.0  # seconds: saves under way at shutdown, after the stop timeout
+# Shutdown, in seconds. Requests under way get 0.7 of the stop timeout to land, and longer
+# while answers keep landing, one at least every LANDING_STEP, up to LANDING_LIMIT; saves
+# under way then get up to SAVE_TIMEOUT. All of it within the unit's TimeoutStopSec=15s.
+LANDING_STEP = 0.25
+LANDING_LIMIT = 6.0
+SAVE_TIMEOUT = 5.0
 
 Key = tuple[str, str]
 
@@ -132,12 +137,16 @@ class Supervisor:
         await asyncio.gather(*(k.wait() for k in self.keepers.values()))
 
     async def stop(self, timeout: float) -> None:
-        """Stop every keeper: requests under way get most of ``timeout`` to finish (a
-        cancelled refresh may have spent a single-use refresh token), then are cancelled."""
+        """Stop every keeper: requests under way get most of ``timeout`` to land, longer
+        while answers keep landing (a cancelled refresh may have spent a single-use
+        refresh token), then are cancelled; saves under way finish."""
         keepers = list(self.keepers.values())
         if not keepers:
             return
-        stopping = asyncio.gather(*(k.stop(grace=timeout * 0.7) for k in keepers))
+        for k in keepers:
+            k.begin_stop()
+        await self._let_answers_land(keepers, grace=timeout * 0.7)
+        stopping = asyncio.gather(*(k.stop(at_shutdown=True) for k in keepers))
         try:
             await asyncio.wait_for(stopping, timeout)
         except TimeoutError:
@@ -156,6 +165,32 @@ class Supervisor:
                     "next start publishes what the state holds",
                     len(left),
                 )
+
+    async def _let_answers_land(self, keepers: Sequence[Keeper], *, grace: float) -> None:
+        """Wait for the requests under way: ``grace`` seconds, and on while answers land.
+
+        Under load the event loop reads hundreds of answers late; a fixed grace measured
+        while it is busy cut off answers already in the socket. Progress, not the time
+        alone, says whether more are coming. On the injected clock, so tests drive it.
+        """
+        clock = self.rt.clock
+        pending = {t for k in keepers if k.in_request and (t := k.task) is not None}
+        start = last = clock.monotonic()
+        while pending:
+            now = clock.monotonic()
+            if now - start >= LANDING_LIMIT or (
+                now - start >= grace and now - last >= LANDING_STEP
+            ):
+                return
+            step = asyncio.ensure_future(clock.sleep(LANDING_STEP))
+            try:
+                done, _ = await asyncio.wait(pending | {step}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                step.cancel()
+            landed = done - {step}
+            if landed:
+                pending -= landed
+                last = clock.monotonic()
 
     async def _remove(self, keeper: Keeper) -> None:
         await keeper.stop()

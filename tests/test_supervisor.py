@@ -408,3 +408,32 @@ async def test_stop_finishes_a_save_that_outlasts_the_timeout(env: Env) -> None:
     await stopping
     assert env.state_file("berlin-01", "bill").exists()
     assert env.token_file("berlin-01", "bill").exists()
+
+
+async def test_stop_waits_while_answers_keep_landing_then_abandons_the_rest(env: Env) -> None:
+    """Past the grace (0.7 of the timeout), answers still landing keep the stop waiting:
+    under load the loop reads them late, and each one cut off would have spent a
+    single-use refresh token. Once none lands for a step, the rest is abandoned."""
+    env.client.auto = False  # requests stay in flight until answered below
+    await env.sup.apply(
+        env.config(merchant("a", "bill"), merchant("b", "bill"), merchant("c", "bill"))
+    )
+    await settle()
+    assert len(env.client.sent) == 3  # three logins in flight, unanswered
+    stopping = asyncio.ensure_future(env.sup.stop(timeout=3.0))
+    await settle()
+    await env.clock.advance(2.0)
+    env.push("a", grant("A"))
+    await settle()
+    await env.clock.advance(0.2)  # past the grace of 2.1 s, but an answer landed just now
+    assert not stopping.done()
+    env.push("b", grant("B"))
+    await settle()
+    await env.clock.advance(0.2)
+    assert not stopping.done()
+    await env.clock.advance(0.3)  # nothing landed for a whole step
+    await stopping
+    assert env.token_file("a", "bill").exists() and env.token_file("b", "bill").exists()
+    assert not env.token_file("c", "bill").exists()
+    assert env.sup.keepers["c", "bill"].task is not None
+    assert env.sup.keepers["c", "bill"].task.cancelled()
