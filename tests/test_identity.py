@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from typing import Any
 
 import httpx
 import pytest
@@ -311,12 +313,11 @@ async def test_client_counts_outcomes_through_the_observer() -> None:
     await client.aclose()
 
 
-async def test_an_unexpected_error_is_not_counted_as_a_success() -> None:
+def observed_client(
+    handler: Callable[[httpx.Request], Any],
+) -> tuple[IdentityClient, list[tuple[str, str]]]:
+    """A client over ``handler`` and the (grant, outcome) pairs its observer is told."""
     seen: list[tuple[str, str]] = []
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        raise RuntimeError("a bug below the client")
-
     client = IdentityClient(
         clock=FakeClock(),
         max_concurrent=1,
@@ -324,6 +325,14 @@ async def test_an_unexpected_error_is_not_counted_as_a_success() -> None:
         transport=httpx.MockTransport(handler),
         observer=lambda g, o, d: seen.append((g, o)),
     )
+    return client, seen
+
+
+async def test_an_unexpected_error_is_not_counted_as_a_success() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise RuntimeError("a bug below the client")
+
+    client, seen = observed_client(handler)
     with pytest.raises(RuntimeError):
         await client.request(password_request(spec()), timeout=1)
     assert seen == [("password", "error")]
@@ -333,7 +342,6 @@ async def test_an_unexpected_error_is_not_counted_as_a_success() -> None:
 async def test_a_request_cancelled_on_the_wire_is_not_counted_as_a_success() -> None:
     import asyncio
 
-    seen: list[tuple[str, str]] = []
     sent = asyncio.Event()
 
     async def handler(request: httpx.Request) -> httpx.Response:
@@ -341,13 +349,7 @@ async def test_a_request_cancelled_on_the_wire_is_not_counted_as_a_success() -> 
         await asyncio.Event().wait()  # no answer ever comes
         raise AssertionError("unreachable")
 
-    client = IdentityClient(
-        clock=FakeClock(),
-        max_concurrent=1,
-        max_per_second=1000,
-        transport=httpx.MockTransport(handler),
-        observer=lambda g, o, d: seen.append((g, o)),
-    )
+    client, seen = observed_client(handler)
     call = asyncio.ensure_future(client.request(password_request(spec()), timeout=1))
     await sent.wait()
     call.cancel()
@@ -358,15 +360,8 @@ async def test_a_request_cancelled_on_the_wire_is_not_counted_as_a_success() -> 
 
 
 async def test_a_deeply_nested_answer_is_a_transient_outcome() -> None:
-    seen: list[tuple[str, str]] = []
     body = b"[" * DEEP + b"]" * DEEP
-    client = IdentityClient(
-        clock=FakeClock(),
-        max_concurrent=1,
-        max_per_second=1000,
-        transport=httpx.MockTransport(lambda r: httpx.Response(200, content=body)),
-        observer=lambda g, o, d: seen.append((g, o)),
-    )
+    client, seen = observed_client(lambda r: httpx.Response(200, content=body))
     with pytest.raises(TransientError, match="malformed answer"):
         await client.request(password_request(spec()), timeout=1)
     assert seen == [("password", "transient")]
