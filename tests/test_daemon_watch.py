@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from watchdog.observers.api import BaseObserver, EventEmitter
@@ -38,12 +39,20 @@ async def eventually(predicate: object, rounds: int = 1000) -> None:
     raise AssertionError("never happened")
 
 
-async def test_a_save_requests_one_reload_after_the_quiet_period(tmp_path: Path) -> None:
+async def watching_daemon(
+    tmp_path: Path, make_inotify: Callable[[], BaseObserver] | None = None
+) -> tuple[Daemon, Path, FakeClock]:
+    """A daemon on a FakeClock watching ``tmp_path/config.yaml``; stop with _stop_watching."""
     cfg = tmp_path / "config.yaml"
     cfg.write_text(CONFIG)
     clock = FakeClock()
-    d = Daemon(config_path=cfg, clock=clock)
+    d = Daemon(config_path=cfg, clock=clock, make_inotify=make_inotify)
     await d._start_watching(load_config(cfg), asyncio.get_running_loop())
+    return d, cfg, clock
+
+
+async def test_a_save_requests_one_reload_after_the_quiet_period(tmp_path: Path) -> None:
+    d, cfg, clock = await watching_daemon(tmp_path)
     try:
         tmp = tmp_path / "config.yaml.tmp"
         tmp.write_text(CONFIG + "# edited\n")
@@ -57,9 +66,6 @@ async def test_a_save_requests_one_reload_after_the_quiet_period(tmp_path: Path)
 
 
 async def test_a_dead_watcher_is_restarted_and_a_reload_follows(tmp_path: Path) -> None:
-    cfg = tmp_path / "config.yaml"
-    cfg.write_text(CONFIG)
-    clock = FakeClock()
     made: list[str] = []
 
     def make() -> BaseObserver:
@@ -69,8 +75,7 @@ async def test_a_dead_watcher_is_restarted_and_a_reload_follows(tmp_path: Path) 
         made.append("inotify")
         return InotifyObserver()
 
-    d = Daemon(config_path=cfg, clock=clock, make_inotify=make)
-    await d._start_watching(load_config(cfg), asyncio.get_running_loop())
+    d, cfg, clock = await watching_daemon(tmp_path, make)
     try:
         await eventually(lambda: d._restarting is not None and clock.sleeping)
         assert not d._reload.is_set()
@@ -90,9 +95,6 @@ async def test_a_dead_watcher_is_restarted_and_a_reload_follows(tmp_path: Path) 
 
 
 async def test_a_watcher_that_cannot_start_is_tried_again(tmp_path: Path) -> None:
-    cfg = tmp_path / "config.yaml"
-    cfg.write_text(CONFIG)
-    clock = FakeClock()
     calls: list[int] = []
 
     def make() -> BaseObserver:
@@ -101,8 +103,7 @@ async def test_a_watcher_that_cannot_start_is_tried_again(tmp_path: Path) -> Non
             raise RuntimeError("no observer today")
         return InotifyObserver()
 
-    d = Daemon(config_path=cfg, clock=clock, make_inotify=make)
-    await d._start_watching(load_config(cfg), asyncio.get_running_loop())
+    d, _, clock = await watching_daemon(tmp_path, make)
     try:
         assert len(calls) == 1 and d._restarting is not None
         await eventually(lambda: clock.sleeping)
@@ -131,9 +132,6 @@ class DiesWhileStarting(BaseObserver):
 async def test_a_watcher_that_dies_again_while_restarting_is_restarted_again(
     tmp_path: Path,
 ) -> None:
-    cfg = tmp_path / "config.yaml"
-    cfg.write_text(CONFIG)
-    clock = FakeClock()
     made: list[str] = []
 
     def make() -> BaseObserver:
@@ -143,8 +141,7 @@ async def test_a_watcher_that_dies_again_while_restarting_is_restarted_again(
         made.append("inotify")
         return InotifyObserver()
 
-    d = Daemon(config_path=cfg, clock=clock, make_inotify=make)
-    await d._start_watching(load_config(cfg), asyncio.get_running_loop())
+    d, cfg, clock = await watching_daemon(tmp_path, make)
     try:
         await eventually(lambda: clock.sleeping)
         await clock.advance(WATCHER_RESTART_DELAY)  # the restart dies too
@@ -166,9 +163,6 @@ async def test_a_watcher_that_ran_a_long_while_restarts_after_the_first_delay(
     tmp_path: Path,
 ) -> None:
     """The backoff between restarts grows only while the watcher keeps dying."""
-    cfg = tmp_path / "config.yaml"
-    cfg.write_text(CONFIG)
-    clock = FakeClock()
     explode = threading.Event()
 
     class ExplodesOnRequest(EventEmitter):
@@ -182,8 +176,7 @@ async def test_a_watcher_that_ran_a_long_while_restarts_after_the_first_delay(
         made.append(BaseObserver(ExplodesOnRequest, timeout=0.05))
         return made[-1]
 
-    d = Daemon(config_path=cfg, clock=clock, make_inotify=make)
-    await d._start_watching(load_config(cfg), asyncio.get_running_loop())
+    d, _, clock = await watching_daemon(tmp_path, make)
     try:
         for _ in range(3):  # dies three times in a row: 1 s, 2 s, 4 s
             explode.set()
