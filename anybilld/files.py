@@ -338,18 +338,7 @@ def prepare_output_dir(root: Path) -> None:
         missing.append(d)
         d = d.parent
     for d in reversed(missing):
-        try:
-            os.mkdir(d, OUTPUT_DIR_MODE)
-        except FileExistsError:
-            continue  # made meanwhile by someone else: theirs, mode and all
-        except OSError as exc:
-            raise _error(root, f"cannot create directory {d}", exc) from exc
-        try:
-            # mkdir applied the umask (0777 under umask 000, 0700 under 077): set it exactly.
-            os.chmod(d, OUTPUT_DIR_MODE)
-            _fsync_dir(d.parent)  # the new entry must survive a crash, like the files below
-        except OSError as exc:
-            raise _error(root, f"cannot set up directory {d}", exc) from exc
+        _make_dir(d, OUTPUT_DIR_MODE, -1, for_path=root)
     if not os.path.isdir(root):
         raise OutputError(f"{root}: output directory is not a directory")
 
@@ -444,21 +433,27 @@ def _ensure_parents(path: Path, root: Path, dir_mode: int, gid: int) -> None:
     d = root
     for part in parent.relative_to(root).parts:
         d = d / part
-        try:
-            os.mkdir(d, dir_mode)
-        except FileExistsError:
-            continue  # also the race with a sibling output creating it right now
-        except OSError as exc:
-            raise _error(path, f"cannot create directory {d}", exc) from exc
-        try:
-            # mkdir applied the umask, so set the mode explicitly, as for files.
-            if gid != -1:
-                os.chown(d, -1, gid)
-            os.chmod(d, dir_mode)
-            # The new entry must survive a crash, or the file below it would not.
-            _fsync_dir(d.parent)
-        except OSError as exc:
-            raise _error(path, f"cannot set up directory {d}", exc) from exc
+        _make_dir(d, dir_mode, gid, for_path=path)
+
+
+def _make_dir(d: Path, mode: int, gid: int, *, for_path: Path) -> None:
+    """Create ``d`` with exactly ``mode`` (and group ``gid`` unless -1), durably; one that
+    exists already (made meanwhile, by a sibling output or anyone) is left as it is."""
+    try:
+        os.mkdir(d, mode)
+    except FileExistsError:
+        return
+    except OSError as exc:
+        raise _error(for_path, f"cannot create directory {d}", exc) from exc
+    try:
+        # mkdir applied the umask (0777 under umask 000), so set the mode explicitly.
+        if gid != -1:
+            os.chown(d, -1, gid)
+        os.chmod(d, mode)
+        # The new entry must survive a crash, or the file below it would not.
+        _fsync_dir(d.parent)
+    except OSError as exc:
+        raise _error(for_path, f"cannot set up directory {d}", exc) from exc
 
 
 def _unchanged(path: Path, data: bytes, mode: int, gid: int) -> bool:
