@@ -304,21 +304,19 @@ class Keeper:
         """A grant request has been handed to the client and not answered yet."""
         return self._in_request
 
-    async def stop(self, grace: float = 0.0, *, at_shutdown: bool = False) -> None:
-        """End the task: a request under way may finish within ``grace`` seconds, then the
-        task is cancelled; a token being saved and published always finishes (shielded).
+    async def stop(self, *, at_shutdown: bool = False) -> None:
+        """End the task, cancelling a request under way; a token being saved and
+        published always finishes (shielded).
 
-        The grace matters for single-use refresh tokens: a refresh cancelled after the IdP
-        answered has spent the old token, and the next start would need the password.
+        A request cancelled after the IdP answered has spent a single-use refresh token,
+        and the next start needs the password: at shutdown the supervisor first lets the
+        requests under way land (``begin_stop``), and whatever is still open here is
+        logged as abandoned.
         """
         if self._task is None:
             return
         self._stopping.set()
-        if grace > 0 and not self._task.done():
-            # asyncio.wait, not wait_for: it neither cancels the task on time-out nor
-            # swallows a cancellation of the caller.
-            await asyncio.wait({self._task}, timeout=grace)
-        if (grace > 0 or at_shutdown) and not self._task.done() and self._in_request:
+        if at_shutdown and not self._task.done() and self._in_request:
             self._log(
                 logging.WARNING,
                 "request abandoned at shutdown; if the IdP answered it, a single-use "

@@ -964,27 +964,29 @@ async def test_next_attempt_at_follows_the_schedule_the_backoff_and_the_block(
 # ---------------------------------------------------------------- stopping and crashing
 
 
-async def test_stop_lets_a_refresh_under_way_finish_within_the_grace(env: Env) -> None:
+async def test_a_stop_begun_lets_a_refresh_under_way_land_and_saves_it(env: Env) -> None:
     # A refresh cancelled after the IdP answered would have spent a single-use refresh
-    # token: a stop gives the request under way time to land, and saves its answer.
+    # token: a stop begun leaves the request under way alone (the supervisor decides how
+    # long to wait for it), and its answer is saved.
     env.client.push(grant("1"))
     keeper = env.start()
     await settle()
     await env.advance(1800.0)  # the refresh is now in flight, unanswered
     assert env.client.grants == ["password", "refresh"]
-    stopping = asyncio.ensure_future(keeper.stop(grace=5.0))
+    keeper.begin_stop()
     await settle()
-    assert not stopping.done()
+    assert keeper.task is not None and not keeper.task.done() and keeper.in_request
     env.client.push(grant("2"))
     await settle()
-    await stopping
+    assert keeper.task.done()  # landed, saved, and nothing more sent: the keeper ended
+    await keeper.stop()
     stored = env.store.load("berlin-01", "bill")
     assert stored is not None and stored.refresh_token == Secret("RT-2")
     assert env.token_doc()["access_token"] == "AT-2"
     assert env.client.grants == ["password", "refresh"]  # and nothing after the stop
 
 
-async def test_stop_without_grace_cancels_the_request_and_keeps_the_old_grant(env: Env) -> None:
+async def test_stop_cancels_the_request_under_way_and_keeps_the_old_grant(env: Env) -> None:
     env.client.push(grant("1"))
     keeper = env.start()
     await settle()
@@ -1022,11 +1024,11 @@ async def test_a_dead_grant_answered_during_a_stop_sends_no_password(env: Env) -
     keeper = env.start()
     await settle()
     await env.advance(1800.0)  # the refresh is in flight
-    stopping = asyncio.ensure_future(keeper.stop(grace=5.0))
+    keeper.begin_stop()
     await settle()
     env.client.push(dead_grant())
     await settle()
-    await stopping
+    await keeper.stop()
     assert env.client.grants == ["password", "refresh"]
 
 
