@@ -86,6 +86,7 @@ class StateStore:
 
     def __init__(self, state_dir: Path) -> None:
         self._key: bytes | None = None
+        self._key_id = ""
         self._dir = Path(os.path.normpath(state_dir))
 
     @property
@@ -127,6 +128,7 @@ class StateStore:
                     f"{self._dir}: cannot set mode {DIR_MODE:04o}: {exc.strerror}"
                 ) from exc
         self._key = self._load_key()
+        self._key_id = _key_id(self._key)
 
     def digest(self, text: str) -> str:
         """HMAC-SHA256 of ``text`` under this state directory's own random key.
@@ -135,8 +137,8 @@ class StateStore:
         earned with): without the key, which is as private as the refresh tokens beside
         it, the digest does not help anyone guess a password. Cheap, so it runs on the loop.
         """
-        key = self._the_key()
-        return f"{_key_id(key)}:{hmac.new(key, text.encode(), hashlib.sha256).hexdigest()}"
+        key, kid = self._the_key()
+        return f"{kid}:{hmac.new(key, text.encode(), hashlib.sha256).hexdigest()}"
 
     def recognises(self, stored_digest: str | None) -> bool:
         """Whether ``stored_digest`` was made under this directory's key, so comparing it
@@ -146,12 +148,14 @@ class StateStore:
         if stored_digest is None:
             return False
         kid, sep, _ = stored_digest.partition(":")
-        return not sep or kid == _key_id(self._the_key())
+        return not sep or kid == self._the_key()[1]
 
-    def _the_key(self) -> bytes:
+    def _the_key(self) -> tuple[bytes, str]:
+        """The key and its id, computed once: every save of a blocked token set digests."""
         if self._key is None:  # prepare() loads it; this is for stores used without it
             self._key = self._load_key()
-        return self._key
+            self._key_id = _key_id(self._key)
+        return self._key, self._key_id
 
     def _load_key(self) -> bytes:
         path = self._dir / KEY_FILE
